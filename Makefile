@@ -1,0 +1,22 @@
+# The two commands of the README's quick start. Both are idempotent and work on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test bench proto clean
+
+setup:
+	@scripts/setup.sh
+
+# Run the agent in the foreground on the bundled default policies (Ctrl-C stops it; enforcement
+# stays pinned in the kernel until `hostagent uninstall`).
+run: setup
+	$(PY) -m hostagent run --config packaging/hostagent.yaml --policy-dir policies $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+bench: setup
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

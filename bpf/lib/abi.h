@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The one contract between hostagent's kernel programs and user space.
+ *
+ * Every map key/value, the event record, every MAX_* and every enum is defined here and nowhere
+ * else. hostagent/bpf/abi.py mirrors them with ctypes (for building keys) and
+ * tests/test_abi.py compiles this header and checks sizeof and every field offset against it.
+ * The enums' numbers are also those of proto/hostagent/v1 (when it exists) and of the Python
+ * IntEnums in abi.py: change one, change all three, and bump HOSTAGENT_ABI_VERSION together
+ * with the _v<N> suffix of every map whose layout changed.
+ *
+ * Byte order: addresses are kept as the kernel hands them to sock_addr programs, in network
+ * byte order, IPv4 always written as the IPv4-mapped IPv6 address ::ffff:a.b.c.d so that one
+ * lookup serves AF_INET, AF_INET6 and mapped destinations alike. Ports are host byte order.
+ */
+#ifndef HOSTAGENT_ABI_H
+#define HOSTAGENT_ABI_H
+
+#define HOSTAGENT_ABI_VERSION 1
+
+/* Ancestor levels remembered per socket; deeper cgroups are still matched by their own id. */
+#define MAX_CGROUP_DEPTH 16
+/* Port ranges one destination prefix can carry, after merging every rule that covers it. */
+#define MAX_PORT_RANGES 16
+#define RULE_NONE 0xffff
+
+/* Verdicts. Python: abi.Verdict. */
+enum hostagent_verdict {
+	VERDICT_UNSPECIFIED = 0,
+	VERDICT_ALLOW = 1,
+	VERDICT_DENY = 2,
+	VERDICT_AUDIT = 3, /* would have been denied; allowed because the policy is in audit mode */
+};
+
+/* Why a verdict was reached. Python: abi.Reason. */
+enum hostagent_reason {
+	REASON_UNSPECIFIED = 0,
+	REASON_POLICY_RULE = 1,      /* a rule of the workload's policy matched */
+	REASON_POLICY_DEFAULT = 2,   /* the workload's policy has no rule for it */
+	REASON_METADATA_BLOCK = 3,   /* a cloud metadata endpoint, not granted */
+	REASON_NODE_DEFAULT = 4,     /* no policy selects the workload: node defaultAction */
+	REASON_RAW_SOCKET = 5,       /* raw, packet or non-TCP/UDP socket */
+	REASON_METADATA_EXEMPT = 6,  /* metadata endpoint, workload exempt by node config */
+};
+
+/* Which program decided. Python: abi.Hook. */
+enum hostagent_hook {
+	HOOK_UNSPECIFIED = 0,
+	HOOK_CONNECT4 = 1,
+	HOOK_CONNECT6 = 2,
+	HOOK_SENDMSG4 = 3,
+	HOOK_SENDMSG6 = 4,
+	HOOK_SOCK_CREATE = 5,
+	HOOK_SKB_EGRESS = 6,
+};
+
+/* Node defaultAction. Python: config.DefaultAction. */
+enum hostagent_default_action {
+	DEFAULT_ACTION_UNSPECIFIED = 0, /* config not written yet */
+	DEFAULT_ACTION_ALLOW = 1,
+	DEFAULT_ACTION_AUDIT = 2,
+	DEFAULT_ACTION_DENY = 3,
+};
+
+/* Policy mode of a binding. Python: abi.BindingMode. */
+enum hostagent_mode {
+	MODE_NONE = 0,    /* no policy: node defaultAction applies (binding exists for exemption) */
+	MODE_ENFORCE = 1,
+	MODE_AUDIT = 2,
+};
+
+/* Kernel-side failures, counted in errors_v1. Python: abi.KernelError. */
+enum hostagent_error {
+	ERROR_UNSPECIFIED = 0,
+	ERROR_RINGBUF_FULL = 1,      /* event lost: ring buffer had no room */
+	ERROR_COUNTER_UPDATE = 2,    /* decision counter could not be created */
+	ERROR_SK_STORAGE = 3,        /* socket origin could not be stored */
+	ERROR_CONFIG_MISSING = 4,    /* config map empty: decided fail-closed for governed sockets */
+};
+
+/* Source files, for error_key.file_id. Python: abi.SourceFile. */
+enum hostagent_file {
+	FILE_UNSPECIFIED = 0,
+	FILE_COUNTERS = 1,
+	FILE_ORIGIN = 2,
+	FILE_POLICY = 3,
+	FILE_EVENTS = 4,
+	FILE_SOCK_ADDR = 5,
+	FILE_SOCK_CREATE = 6,
+	FILE_CGROUP_SKB = 7,
+};
+
+/* Protocol bits of a port range; same values as policy.Protocol. */
+#define PROTO_BIT_TCP 1
+#define PROTO_BIT_UDP 2
+
+/* config_v1[0] */
+#define CONFIG_EMIT_ALLOW 0x1 /* also send allow decisions as events */
+struct config {
+	__u32 abi_version;    /* HOSTAGENT_ABI_VERSION of the agent that wrote it; 0 = not ready */
+	__u32 generation;     /* policy generation in force, for events */
+	__u8 default_action;  /* enum hostagent_default_action */
+	__u8 flags;           /* CONFIG_* */
+	__u16 pad;
+	__u32 reserved;
+};
+
+/* bindings_v1: cgroup id -> the policy that governs it. */
+#define BINDING_METADATA_EXEMPT 0x1 /* node config exempts it from the metadata block */
+#define BINDING_ALLOW_RAW 0x2       /* policy allowRawSockets */
+struct binding {
+	__u32 ruleset_id;   /* key prefix in rules_v1; 0 = no policy */
+	__u32 policy_id;    /* stable per policy name, for counters and events */
+	__u8 mode;          /* enum hostagent_mode */
+	__u8 flags;         /* BINDING_* */
+	__u16 pad;
+	__u32 generation;   /* policy generation that wrote this binding */
+};
+
+/*
+ * rules_v1 (LPM trie): (ruleset, destination prefix) -> port set. prefixlen counts the 32 bits
+ * of ruleset_id plus the address bits, so every lookup stays inside one ruleset. A ruleset is
+ * immutable once a binding points at it: a reload writes new rulesets, then flips bindings.
+ */
+struct rule_key {
+	__u32 prefixlen;
+	__u32 ruleset_id;     /* big-endian, so that it is a proper prefix of the trie key */
+	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
+};
+
+#define RULE_METADATA_GRANT 0x1 /* the rule names a metadata endpoint explicitly */
+struct rule_value {
+	__u32 portset_id;     /* index in portsets_v1 */
+	__u8 flags;           /* RULE_* */
+	__u8 pad[3];
+};
+
+struct port_range {
+	__u16 first;          /* inclusive, host byte order */
+	__u16 last;           /* inclusive */
+	__u8 protocols;       /* PROTO_BIT_* */
+	__u8 pad;
+	__u16 rule;           /* index of the policy's egress rule, for events */
+};
+
+/* portsets_v1 (array): shared, deduplicated port lists. */
+struct portset {
+	__u32 count;
+	__u32 pad;
+	struct port_range ranges[MAX_PORT_RANGES];
+};
+
+/* metadata_v1 (LPM trie): node-wide metadata endpoints. Value unused. */
+struct metadata_key {
+	__u32 prefixlen;
+	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
+};
+
+/* origins_v1 (socket storage): the cgroup chain of the task that created the socket. */
+struct origin {
+	__u64 cgroup_id;                       /* the creator's own cgroup */
+	__u64 ancestors[MAX_CGROUP_DEPTH];     /* ancestors[level], 0 past the creator's level */
+	__u32 depth;                           /* number of valid ancestors entries */
+	__u32 pad;
+};
+
+/* decisions_v1 (per-CPU hash): count of every decision, allow included. */
+struct decision_key {
+	__u32 policy_id;
+	__u8 verdict;
+	__u8 reason;
+	__u8 hook;
+	__u8 pad;
+};
+
+/* errors_v1 (per-CPU hash): where a kernel-side operation failed. */
+struct error_key {
+	__u32 error;          /* enum hostagent_error */
+	__u16 file_id;        /* HOSTAGENT_FILE_ID of the source file */
+	__u16 line;
+};
+
+/* events ring buffer record. */
+struct event {
+	__u64 time_ns;        /* bpf_ktime_get_boot_ns(): CLOCK_BOOTTIME */
+	__u64 cgroup_id;      /* the socket's (creator's) cgroup */
+	__u64 sock_cookie;    /* bpf_get_socket_cookie(), 0 where unknown */
+	__u32 pid;            /* tgid of the current task; 0 in softirq (skb hook) */
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u32 policy_id;      /* 0 = no policy */
+	__u32 ruleset_id;
+	__u32 daddr[4];       /* network byte order; IPv4 as ::ffff:a.b.c.d; zero for sock_create */
+	__u16 dport;          /* host byte order */
+	__u16 rule;           /* egress rule index, RULE_NONE if none */
+	__u8 family;          /* AF_INET / AF_INET6 of the socket */
+	__u8 protocol;        /* IPPROTO_* */
+	__u8 verdict;         /* enum hostagent_verdict */
+	__u8 reason;          /* enum hostagent_reason */
+	__u8 hook;            /* enum hostagent_hook */
+	__u8 pad[3];
+	__u32 generation;     /* config generation when decided */
+	char comm[16];
+};
+
+#endif /* HOSTAGENT_ABI_H */

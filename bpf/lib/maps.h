@@ -1,0 +1,54 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * Every map of hostagent, pinned under HOSTAGENT_PIN_DIR (the node config's bpffsDir, given as
+ * a cflag by the loader) so that enforcement survives the agent: a restarted agent compiles the
+ * same declarations and bcc reopens the pinned maps instead of creating new ones.
+ * Sizes come from cflags too (limits.* in the node config).
+ */
+#ifndef HOSTAGENT_MAPS_H
+#define HOSTAGENT_MAPS_H
+
+#ifndef HOSTAGENT_PIN_DIR
+#error "HOSTAGENT_PIN_DIR must be given by the loader"
+#endif
+#ifndef MAX_RULES
+#define MAX_RULES 262144
+#endif
+#ifndef MAX_CGROUPS
+#define MAX_CGROUPS 65536
+#endif
+#ifndef MAX_PORTSETS
+#define MAX_PORTSETS 16384
+#endif
+#ifndef MAX_METADATA
+#define MAX_METADATA 256
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 1024 /* 4 MiB: ~40k events of headroom at a 10 ms drain */
+#endif
+
+#define PIN(name) HOSTAGENT_PIN_DIR "/" name
+
+BPF_TABLE_PINNED("array", __u32, struct config, config_map, 1,
+		 PIN("hostagent_config_v1"));
+BPF_TABLE_PINNED("hash", __u64, struct binding, bindings, MAX_CGROUPS,
+		 PIN("hostagent_bindings_v1"));
+BPF_TABLE_PINNED("lpm_trie", struct rule_key, struct rule_value, rules, MAX_RULES,
+		 PIN("hostagent_rules_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct portset, portsets, MAX_PORTSETS,
+		 PIN("hostagent_portsets_v1"));
+BPF_TABLE_PINNED("lpm_trie", struct metadata_key, __u8, metadata, MAX_METADATA,
+		 PIN("hostagent_metadata_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_hash", struct decision_key, __u64, decisions, 16384,
+		 PIN("hostagent_decisions_v1"));
+BPF_TABLE_PINNED("percpu_hash", struct error_key, __u64, errors, 1024,
+		 PIN("hostagent_errors_v1"));
+/* Socket storage lives and dies with each socket; pinned so that sockets created under a previous
+ * agent keep their origin after a takeover. */
+BPF_TABLE_PINNED("sk_storage", int, struct origin, origins, 0,
+		 PIN("hostagent_origins_v1"), BPF_F_NO_PREALLOC);
+
+/* Not pinned: each agent drains its own ring; see docs/architecture.md on takeover. */
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+#endif /* HOSTAGENT_MAPS_H */

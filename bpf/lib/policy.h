@@ -1,0 +1,218 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The decision every hook shares: which policy governs the socket's workload, and does it allow
+ * this destination, port and protocol. Order matters and is the documented precedence:
+ *   1. metadata endpoints are denied unless the workload is exempt or its policy names them;
+ *   2. a governed workload gets its policy's rules (enforce: deny otherwise; audit: report);
+ *   3. anything else gets the node's defaultAction.
+ */
+#ifndef HOSTAGENT_POLICY_H
+#define HOSTAGENT_POLICY_H
+
+#undef HOSTAGENT_FILE_ID
+#define HOSTAGENT_FILE_ID FILE_POLICY
+
+/* Values the kernel defines outside uapi; fixed by the socket ABI. */
+#define HA_AF_INET 2
+#define HA_AF_INET6 10
+#define HA_SOCK_STREAM 1
+#define HA_SOCK_DGRAM 2
+#define HA_IPPROTO_MPTCP 262
+
+struct decision {
+	__u32 policy_id;
+	__u32 ruleset_id;
+	__u32 generation;
+	__u16 rule;          /* RULE_NONE unless a rule matched */
+	__u8 verdict;        /* enum hostagent_verdict */
+	__u8 reason;         /* enum hostagent_reason */
+	__u8 emit_allow;     /* config asks for allow events */
+	__u8 pad[3];
+};
+
+/* __proto_bit() - PROTO_BIT_* for an IPPROTO_*; 0 for protocols no rule can name. */
+static __always_inline __u8 __proto_bit(__u32 protocol)
+{
+	if (protocol == IPPROTO_TCP || protocol == HA_IPPROTO_MPTCP)
+		return PROTO_BIT_TCP;
+	if (protocol == IPPROTO_UDP)
+		return PROTO_BIT_UDP;
+	return 0;
+}
+
+/*
+ * __is_plain_socket() - TCP, MPTCP or UDP: the sockets whose every destination passes through
+ * the connect/sendmsg hooks. Anything else (raw, packet, ICMP "ping", SCTP, UDP-Lite) is not
+ * seen there and is governed at creation and by the skb backstop instead.
+ */
+static __always_inline int __is_plain_socket(__u32 type, __u32 protocol)
+{
+	if (type == HA_SOCK_STREAM)
+		return protocol == IPPROTO_TCP || protocol == HA_IPPROTO_MPTCP;
+	if (type == HA_SOCK_DGRAM)
+		return protocol == IPPROTO_UDP;
+	return 0;
+}
+
+/*
+ * __ports_match() - does a port set allow a port and protocol.
+ * @portset_id: index in portsets
+ * @dport: destination port, host byte order
+ * @proto_bit: PROTO_BIT_* of the socket
+ * @rule: out, the egress rule that allowed it
+ *
+ * Returns: 1 if allowed, 0 otherwise.
+ */
+static __always_inline int __ports_match(__u32 portset_id, __u16 dport, __u8 proto_bit, __u16 *rule)
+{
+	struct portset *ps = portsets.lookup(&portset_id);
+
+	if (!ps)
+		return 0;
+	for (int i = 0; i < MAX_PORT_RANGES; i++) {
+		struct port_range *r;
+
+		if (i >= ps->count)
+			break;
+		r = &ps->ranges[i];
+		if ((r->protocols & proto_bit) && dport >= r->first && dport <= r->last) {
+			*rule = r->rule;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* __node_default() - the verdict for a workload no policy governs. */
+static __always_inline __u8 __node_default(const struct config *cfg)
+{
+	if (!cfg)
+		return VERDICT_ALLOW;
+	switch (cfg->default_action) {
+	case DEFAULT_ACTION_DENY:
+		return VERDICT_DENY;
+	case DEFAULT_ACTION_AUDIT:
+		return VERDICT_AUDIT;
+	default:
+		return VERDICT_ALLOW;
+	}
+}
+
+static __always_inline struct config *__config(void)
+{
+	__u32 zero = 0;
+	struct config *cfg = config_map.lookup(&zero);
+
+	/* The loader writes the config before it attaches anything; an empty one means a bug or
+	 * a hand-made attach. Node default falls back to allow, governed workloads keep their
+	 * bindings, and the error is counted. */
+	if (!cfg || !cfg->abi_version) {
+		COUNT_ERROR(ERROR_CONFIG_MISSING);
+		return NULL;
+	}
+	return cfg;
+}
+
+static __always_inline void __decision_init(struct decision *d, const struct config *cfg,
+					    const struct binding *b)
+{
+	d->policy_id = b ? b->policy_id : 0;
+	d->ruleset_id = b ? b->ruleset_id : 0;
+	d->generation = cfg ? cfg->generation : 0;
+	d->rule = RULE_NONE;
+	d->verdict = VERDICT_UNSPECIFIED;
+	d->reason = REASON_UNSPECIFIED;
+	d->emit_allow = cfg ? (cfg->flags & CONFIG_EMIT_ALLOW) != 0 : 0;
+}
+
+/*
+ * __decide() - judge a destination for a socket of a cgroup chain.
+ * @o: the socket's cgroup chain
+ * @daddr: destination, network byte order, IPv4 mapped
+ * @dport: destination port, host byte order
+ * @proto_bit: PROTO_BIT_* of the socket (0: no rule can match)
+ * @d: out
+ */
+static __always_inline void __decide(const struct origin *o, const __u32 daddr[4], __u16 dport,
+				     __u8 proto_bit, struct decision *d)
+{
+	struct config *cfg = __config();
+	struct binding *b = __binding_of(o);
+	struct metadata_key mkey = { .prefixlen = 128 };
+	struct rule_value *rv = NULL;
+	int is_meta, matched = 0;
+
+	__decision_init(d, cfg, b);
+
+	mkey.addr[0] = daddr[0];
+	mkey.addr[1] = daddr[1];
+	mkey.addr[2] = daddr[2];
+	mkey.addr[3] = daddr[3];
+	is_meta = metadata.lookup(&mkey) != NULL;
+
+	if (b && b->mode != MODE_NONE) {
+		struct rule_key rkey = { .prefixlen = 32 + 128 };
+
+		rkey.ruleset_id = bpf_htonl(b->ruleset_id);
+		rkey.addr[0] = daddr[0];
+		rkey.addr[1] = daddr[1];
+		rkey.addr[2] = daddr[2];
+		rkey.addr[3] = daddr[3];
+		rv = rules.lookup(&rkey);
+		if (rv)
+			matched = __ports_match(rv->portset_id, dport, proto_bit, &d->rule);
+	}
+
+	if (is_meta && !(b && (b->flags & BINDING_METADATA_EXEMPT))) {
+		/* Node protection: enforced even for audit-mode policies, granted only by a rule
+		 * that names the endpoint itself (a 0.0.0.0/0 rule does not). */
+		if (matched && rv && (rv->flags & RULE_METADATA_GRANT)) {
+			d->verdict = VERDICT_ALLOW;
+			d->reason = REASON_POLICY_RULE;
+		} else {
+			d->verdict = VERDICT_DENY;
+			d->reason = REASON_METADATA_BLOCK;
+			d->rule = RULE_NONE;
+		}
+		return;
+	}
+
+	if (b && b->mode != MODE_NONE) {
+		if (matched) {
+			d->verdict = VERDICT_ALLOW;
+			d->reason = REASON_POLICY_RULE;
+		} else {
+			d->verdict = b->mode == MODE_AUDIT ? VERDICT_AUDIT : VERDICT_DENY;
+			d->reason = REASON_POLICY_DEFAULT;
+		}
+		return;
+	}
+
+	d->verdict = __node_default(cfg);
+	d->reason = is_meta ? REASON_METADATA_EXEMPT : REASON_NODE_DEFAULT;
+}
+
+/*
+ * __decide_raw() - judge the creation or a packet of a socket that is not plain TCP/UDP.
+ * @o: the socket's cgroup chain
+ * @d: out
+ */
+static __always_inline void __decide_raw(const struct origin *o, struct decision *d)
+{
+	struct config *cfg = __config();
+	struct binding *b = __binding_of(o);
+
+	__decision_init(d, cfg, b);
+	if (b && b->mode != MODE_NONE) {
+		d->reason = REASON_RAW_SOCKET;
+		if (b->flags & BINDING_ALLOW_RAW)
+			d->verdict = VERDICT_ALLOW;
+		else
+			d->verdict = b->mode == MODE_AUDIT ? VERDICT_AUDIT : VERDICT_DENY;
+		return;
+	}
+	d->verdict = __node_default(cfg);
+	d->reason = REASON_NODE_DEFAULT;
+}
+
+#endif /* HOSTAGENT_POLICY_H */

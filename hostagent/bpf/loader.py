@@ -1,0 +1,212 @@
+"""Compile, load, attach, take over and remove hostagent's kernel programs.
+
+Start-up order is what keeps a node enforced: compile (bcc reopens the pinned maps), let the
+caller fill the maps, then attach. Attaching goes through pinned bpf links: when a previous
+agent's link is pinned, its program is swapped atomically (BPF_LINK_UPDATE), so there is no
+instant in which the hook runs nothing or runs twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent.bpf import syscall
+from hostagent.cgroupfs import CgroupRoot
+from hostagent.errors import KernelError, SetupError
+
+# bcc rewrites map calls only in its main file, so every file that touches a map is appended
+# to one text, in this order, each under a #line marker (see bpf/hostagent.c).
+SOURCES = ("hostagent.c", "lib/maps.h", "lib/counters.h", "lib/origin.h", "lib/policy.h",
+           "lib/events.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c")
+
+# kernel uapi numbers (enum bpf_prog_type / enum bpf_attach_type)
+PROG_CGROUP_SKB = 8
+PROG_CGROUP_SOCK = 9
+PROG_CGROUP_SOCK_ADDR = 18
+ATTACH_INET_EGRESS = 1
+ATTACH_INET_SOCK_CREATE = 2
+ATTACH_INET4_CONNECT = 10
+ATTACH_INET6_CONNECT = 11
+ATTACH_UDP4_SENDMSG = 14
+ATTACH_UDP6_SENDMSG = 15
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str          # C function, entry program name
+    prog_type: int
+    attach_type: int
+
+
+PROGRAMS = (
+    Program("sock4_connect", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_CONNECT),
+    Program("sock6_connect", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT),
+    Program("sock4_sendmsg", PROG_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG),
+    Program("sock6_sendmsg", PROG_CGROUP_SOCK_ADDR, ATTACH_UDP6_SENDMSG),
+    Program("sock_create", PROG_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE),
+    Program("skb_egress", PROG_CGROUP_SKB, ATTACH_INET_EGRESS),
+)
+
+MAP_PINS = ("hostagent_config_v1", "hostagent_bindings_v1", "hostagent_rules_v1",
+            "hostagent_portsets_v1", "hostagent_metadata_v1", "hostagent_decisions_v1",
+            "hostagent_errors_v1", "hostagent_origins_v1")
+
+
+def link_pin(pin_dir: str, program: Program) -> str:
+    return os.path.join(pin_dir, f"hostagent_link_{program.name}")
+
+
+def bpf_source_dir() -> Path:
+    """Where the C sources are: $HOSTAGENT_BPF_DIR, the source tree, or the installed share."""
+    candidates = [os.environ.get("HOSTAGENT_BPF_DIR"),
+                  Path(__file__).resolve().parents[2] / "bpf",
+                  Path(sys.prefix) / "share" / "hostagent" / "bpf"]
+    for c in candidates:
+        if c and (Path(c) / "hostagent.c").is_file():
+            return Path(c)
+    raise SetupError("hostagent's BPF sources (bpf/hostagent.c) were not found; set "
+                     "HOSTAGENT_BPF_DIR")
+
+
+def check_kernel_headers() -> None:
+    """bcc's own error is a bare 'Unable to find kernel headers': say what to do instead."""
+    if os.environ.get("BCC_KERNEL_SOURCE") or os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return
+    build = f"/lib/modules/{os.uname().release}/build"
+    if not os.path.exists(os.path.join(build, "include")):
+        raise SetupError(f"bcc cannot find kernel headers: {build} is missing. Run "
+                         "scripts/setup.sh (links Debian's linux-headers package there) or set "
+                         "BCC_KERNEL_SOURCE")
+
+
+def source_text(src_dir: Path) -> str:
+    return "\n".join(f'#line 1 "{src_dir / name}"\n{(src_dir / name).read_text()}'
+                     for name in SOURCES)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rules: int
+    max_cgroups: int
+
+
+class Programs:
+    """The compiled programs and the bcc module that owns the maps."""
+
+    def __init__(self, pin_dir: str, limits: Limits) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc, linked into the venv by setup
+
+        check_kernel_headers()
+        src = bpf_source_dir()
+        cflags = [f"-I{src}", f'-DHOSTAGENT_PIN_DIR="{pin_dir}"',
+                  f"-DMAX_RULES={limits.max_rules}", f"-DMAX_CGROUPS={limits.max_cgroups}"]
+        try:
+            self.bpf = BPF(text=source_text(src), cflags=cflags)
+        except Exception as err:  # bcc raises bare Exception; keep its words
+            raise KernelError(f"compiling {src}/hostagent.c failed: {err}") from err
+        self.pin_dir = pin_dir
+        self.fds: dict[str, int] = {}
+        for program in PROGRAMS:
+            try:
+                fn = self.bpf.load_func(program.name, program.prog_type, None,
+                                        program.attach_type)
+            except Exception as err:
+                raise KernelError(f"the kernel refused program {program.name}: {err}") from err
+            self.fds[program.name] = fn.fd
+
+    def __getitem__(self, table: str):
+        return self.bpf[table]
+
+    def attach(self, root: CgroupRoot) -> list[str]:
+        """Attach every program at root, taking over pinned links. Returns what was done."""
+        done = []
+        cg_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for program in PROGRAMS:
+                done.append(self._attach_one(program, cg_fd, root))
+        finally:
+            os.close(cg_fd)
+        return done
+
+    def _attach_one(self, program: Program, cg_fd: int, root: CgroupRoot) -> str:
+        pin = link_pin(self.pin_dir, program)
+        prog_fd = self.fds[program.name]
+        old = syscall.obj_get(pin)
+        if old is not None:
+            try:
+                if syscall.link_info(old).cgroup_id == root.id:
+                    syscall.link_update(old, prog_fd)
+                    return f"{program.name}: replaced"
+                # cgroupRoot changed: attach at the new root first, then let go of the old one
+                new = syscall.link_create(prog_fd, cg_fd, program.attach_type)
+                syscall.link_detach(old)
+                os.unlink(pin)
+                syscall.obj_pin(new, pin)
+                os.close(new)
+                return f"{program.name}: moved"
+            finally:
+                os.close(old)
+        new = syscall.link_create(prog_fd, cg_fd, program.attach_type)
+        try:
+            syscall.obj_pin(new, pin)
+        finally:
+            os.close(new)
+        return f"{program.name}: attached"
+
+    def close(self) -> None:
+        # Dropping bcc's fds does not detach: the pinned links hold the programs.
+        self.bpf.cleanup()
+
+
+def attached(pin_dir: str) -> list[dict]:
+    """What is attached according to the pinned links (works without a running agent)."""
+    out = []
+    for program in PROGRAMS:
+        fd = syscall.obj_get(link_pin(pin_dir, program))
+        if fd is None:
+            out.append({"program": program.name, "attached": False})
+            continue
+        try:
+            info = syscall.link_info(fd)
+            entry = {"program": program.name, "attached": True, "link_id": info.id,
+                     "prog_id": info.prog_id, "cgroup_id": info.cgroup_id}
+            try:
+                pfd = syscall.prog_fd_by_id(info.prog_id)
+                try:
+                    pinfo = syscall.prog_info(pfd)
+                    entry.update(run_cnt=pinfo.run_cnt, run_time_ns=pinfo.run_time_ns)
+                finally:
+                    os.close(pfd)
+            except KernelError:
+                pass  # run counts are a nicety; the link itself is the fact
+            out.append(entry)
+        finally:
+            os.close(fd)
+    return out
+
+
+def uninstall(pin_dir: str) -> list[str]:
+    """Detach every program and remove every pinned object. Idempotent."""
+    done = []
+    for program in PROGRAMS:
+        pin = link_pin(pin_dir, program)
+        fd = syscall.obj_get(pin)
+        if fd is None:
+            continue
+        try:
+            syscall.link_detach(fd)
+        finally:
+            os.close(fd)
+        os.unlink(pin)
+        done.append(f"detached {program.name}")
+    for name in MAP_PINS:
+        path = os.path.join(pin_dir, name)
+        if os.path.exists(path):
+            os.unlink(path)
+            done.append(f"unpinned {name}")
+    if os.path.isdir(pin_dir) and not os.listdir(pin_dir):
+        os.rmdir(pin_dir)
+    return done

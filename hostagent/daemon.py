@@ -1,0 +1,296 @@
+"""The agent's main loop: start in the right order, enforce, follow changes, stop cleanly.
+
+Signals only queue a request; the loop acts on it between ticks (supervisor's habit), so a
+SIGHUP never interrupts a half-written map. Programs stay attached when the agent stops: the
+pinned links and maps keep the node enforced until a new agent takes over or
+`hostagent uninstall` removes them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import time
+from collections import deque
+
+from hostagent import __version__
+from hostagent.bpf import abi, loader
+from hostagent.bpf.bpffs import ensure_pin_dir
+from hostagent.cgroupfs import CgroupRoot, resolve_root
+from hostagent.config import NodeConfig
+from hostagent.enforcement import Enforcement
+from hostagent.errors import HostAgentError, PolicyError
+from hostagent.events.log import EventLog
+from hostagent.events.reader import DRAIN_INTERVAL, RingReader
+from hostagent.events.record import BootClock, to_dict
+from hostagent.metrics.collector import AgentMetrics
+from hostagent.metrics.server import MetricsServer
+from hostagent.policy.compile import Binder, Ruleset, compile_ruleset
+from hostagent.policy.load import load_policy_dir
+
+log = logging.getLogger(__name__)
+
+POLICY_POLL_INTERVAL = 1.0   # seconds between policy directory checks (SIGHUP forces one now)
+STATUS_INTERVAL = 1.0        # seconds between status.json refreshes
+PATH_REWALK_MIN = 0.05       # seconds: at most one cgroup walk per burst of unknown ids
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+def compile_policies(policies, metadata_networks) -> dict[str, Ruleset]:
+    return {p.name: compile_ruleset(p, metadata_networks) for p in policies}
+
+
+def policy_dir_snapshot(path: str) -> tuple:
+    """What a change of the policy directory looks like: names, sizes, mtimes, inodes."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except FileNotFoundError:
+        return ()
+    out = []
+    for e in entries:
+        if e.name.endswith((".yaml", ".yml")) and not e.name.startswith("."):
+            try:
+                st = e.stat()
+            except FileNotFoundError:
+                continue
+            out.append((e.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+class Agent:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.phase = Phase.STARTING
+        self.metrics = None
+        self.enforcement: Enforcement | None = None
+        self.programs: loader.Programs | None = None
+        self.root: CgroupRoot | None = None
+        self._signals: deque[int] = deque()
+        self._binder: Binder | None = None
+        self._rulesets: dict[str, Ruleset] = {}
+        self._policies = []
+        self._paths: dict[int, str] = {}
+        self._cgroups: dict[str, int] = {}
+        self._last_walk = 0.0
+        self._snapshot: tuple = ()
+        self._last_reload: dict = {}
+        self._ready = False
+        self._server: MetricsServer | None = None
+        self._events: EventLog | None = None
+        self._reader: RingReader | None = None
+        self._clock = BootClock()
+        self.metrics = AgentMetrics(self)
+
+    # -- signals ----------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._signals.append(signum)
+
+    def ready(self) -> bool:
+        return self._ready
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        ensure_pin_dir(cfg.bpffs_dir)
+        self.root = resolve_root(cfg.cgroup_root)
+        log.info("hostagent %s: governing cgroups below %s", __version__, self.root.path)
+
+        self._snapshot = policy_dir_snapshot(cfg.policy_dir)
+        policies, error = self._load_policies()
+        pinned = os.path.exists(os.path.join(cfg.bpffs_dir, "hostagent_bindings_v1"))
+        if error is not None and not pinned:
+            raise error  # nothing is enforced yet and nothing valid to enforce: refuse to start
+
+        t0 = time.monotonic()
+        self.programs = loader.Programs(cfg.bpffs_dir, loader.Limits(cfg.max_rules,
+                                                                      cfg.max_cgroups))
+        log.info("programs compiled and loaded in %.2fs", time.monotonic() - t0)
+        self.enforcement = Enforcement(self.programs, cfg.state_dir, cfg.max_rules,
+                                       cfg.max_cgroups)
+        self.enforcement.write_metadata(cfg.metadata.blocked_networks())
+        if error is None:
+            self._install(policies, new_generation=True)
+        else:
+            # A previous agent's policy is pinned and still enforced; keep it rather than
+            # replace it with nothing. The error is reported and the next valid edit applies.
+            self._report_reload_failure(error)
+        for line in self.programs.attach(self.root):
+            log.info("%s", line)
+        for program in loader.PROGRAMS:
+            self.metrics.attached.labels(program.name).set(1)
+
+        self._events = EventLog(cfg.event_log)
+        self._reader = RingReader(self.programs, self._on_event)
+        if cfg.metrics_listen is not None:
+            host, port = cfg.metrics_listen
+            self._server = MetricsServer(host, port, self.metrics.registry, self.ready)
+            self._server.start()
+            log.info("metrics on http://%s:%d/metrics", *self._server.address)
+        self._ready = error is None or self.enforcement.adopted
+        self.metrics.ready.set(1 if self._ready else 0)
+        self.phase = Phase.RUNNING
+        self._write_status()
+        log.info("enforcing (generation %d) in %.2fs", self.enforcement.state.generation,
+                 time.monotonic() - t0)
+
+    def _load_policies(self):
+        try:
+            policies = load_policy_dir(self.cfg.policy_dir)
+            rulesets = compile_policies(policies, self.cfg.metadata.blocked_networks())
+            return (policies, rulesets), None
+        except PolicyError as err:
+            return None, err
+
+    def _walk(self) -> dict[str, int]:
+        self._cgroups = self.root.walk()
+        self._paths = {cgid: path for path, cgid in self._cgroups.items()}
+        self._last_walk = time.monotonic()
+        self.metrics.cgroups.set(len(self._cgroups))
+        return self._cgroups
+
+    def _install(self, loaded, new_generation: bool) -> dict:
+        policies, rulesets = loaded
+        binder = Binder(policies, self.cfg.metadata.exempt)
+        bindings = binder.bind(self._walk())
+        result = self.enforcement.apply(rulesets, bindings, self.cfg.default_action,
+                                        self.cfg.emit_allow_events, new_generation)
+        self._binder, self._rulesets, self._policies = binder, rulesets, policies
+        self.metrics.generation.set(result["generation"])
+        if new_generation:
+            self.metrics.reloads.labels("success").inc()
+            self._last_reload = {"time": time.time(), "ok": True, "generation":
+                                 result["generation"], "policies": len(policies),
+                                 "result": result}
+            log.info("policy generation %d in force: %d policies, %s", result["generation"],
+                     len(policies), result)
+        return result
+
+    def _report_reload_failure(self, err: HostAgentError) -> None:
+        self.metrics.reloads.labels("failure").inc()
+        self._last_reload = {"time": time.time(), "ok": False, "error": str(err),
+                             "generation": self.enforcement.state.generation
+                             if self.enforcement else 0}
+        log.error("policy rejected, generation %s stays in force:\n%s",
+                  self._last_reload["generation"], err)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        self._snapshot = policy_dir_snapshot(self.cfg.policy_dir)
+        loaded, error = self._load_policies()
+        if error is None:
+            try:
+                self._install(loaded, new_generation=True)
+                return
+            except HostAgentError as err:
+                error = err
+        self._report_reload_failure(error)
+
+    def resync(self) -> None:
+        """Bind cgroups that appeared since the last walk, forget those that went."""
+        if self._binder is None:
+            return
+        bindings = self._binder.bind(self._walk())
+        self.enforcement.apply(self._rulesets, bindings, self.cfg.default_action,
+                               self.cfg.emit_allow_events, new_generation=False)
+
+    def _cgroup_path(self, cgid: int) -> str | None:
+        path = self._paths.get(cgid)
+        if path is None and time.monotonic() - self._last_walk > PATH_REWALK_MIN:
+            self._walk()
+            path = self._paths.get(cgid)
+        return path
+
+    def _rule_name(self, ruleset_id: int, rule: int) -> str | None:
+        info = self.enforcement.by_id.get(ruleset_id)
+        if info is None or rule >= len(info.rule_names):
+            return f"egress[{rule}]"
+        return info.rule_names[rule]
+
+    def _on_event(self, e: abi.Event) -> None:
+        event = to_dict(e, self._clock, self.enforcement.policy_name, self._rule_name,
+                        self._cgroup_path)
+        self.metrics.events.labels(event["verdict"]).inc()
+        self._events.write(event)
+
+    def _write_status(self) -> None:
+        status = {
+            "pid": os.getpid(), "version": __version__, "time": time.time(),
+            "phase": self.phase.value, "ready": self._ready,
+            "cgroup_root": self.root.path if self.root else None,
+            "generation": self.enforcement.state.generation if self.enforcement else 0,
+            "policies": [p.name for p in self._policies],
+            "last_reload": self._last_reload,
+            "map_fill": self.enforcement.fill() if self.enforcement else {},
+            "cgroups": len(self._cgroups),
+            "events_received": self._reader.received if self._reader else 0,
+        }
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        path = os.path.join(self.cfg.state_dir, "status.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(status, f)
+        os.replace(path + ".tmp", path)
+
+    def run(self) -> int:
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        try:
+            self.start()
+            next_poll = next_resync = next_status = time.monotonic()
+            while self.phase is Phase.RUNNING:
+                while self._signals:
+                    signum = self._signals.popleft()
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reloading policies")
+                        self.reload()
+                    else:
+                        log.info("%s: stopping (enforcement stays pinned)",
+                                 signal.Signals(signum).name)
+                        self.phase = Phase.STOPPING
+                if self.phase is not Phase.RUNNING:
+                    break
+                self._reader.drain()
+                now = time.monotonic()
+                if now >= next_poll:
+                    next_poll = now + POLICY_POLL_INTERVAL
+                    if policy_dir_snapshot(self.cfg.policy_dir) != self._snapshot:
+                        log.info("policy directory changed: reloading")
+                        self.reload()
+                if now >= next_resync:
+                    next_resync = now + self.cfg.resync_interval
+                    self.resync()
+                if now >= next_status:
+                    next_status = now + STATUS_INTERVAL
+                    self._clock.resync()
+                    self._write_status()
+                time.sleep(DRAIN_INTERVAL)
+            return 0
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        """Reverse start order. Never detaches: that is `hostagent uninstall`'s job."""
+        self.phase = Phase.STOPPING
+        if self._reader is not None:
+            try:
+                self._reader.drain()  # what is already queued still reaches the log
+            except Exception:  # noqa: BLE001 - teardown goes on whatever the ring says
+                log.exception("final ring buffer drain failed")
+        if self._server is not None:
+            self._server.stop()
+        if self._events is not None:
+            self._events.close()
+        if self.root is not None and self.enforcement is not None:
+            self._write_status()
+        if self.programs is not None:
+            self.programs.close()

@@ -1,0 +1,344 @@
+"""The policy in force in the kernel, and how a new one replaces it.
+
+A reload is applied so that every connection is judged by the old policy or by the new one,
+never by half of each:
+  1. every ruleset that changed is written under a fresh id (existing ids are never modified);
+  2. each cgroup's binding is switched to its new ruleset (one atomic map update per cgroup,
+     and only for cgroups whose binding changed);
+  3. rulesets nothing points at any more are deleted.
+Capacity is checked before step 1, so a policy that does not fit is rejected whole and the old
+one stays in force.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import logging
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hostagent.bpf import abi
+from hostagent.errors import KernelError, PolicyCapacityError
+from hostagent.policy.compile import BindingSpec, PortEntry, Ruleset
+
+log = logging.getLogger(__name__)
+
+_RULE_KEY = struct.Struct("<I4s16s")
+_RULE_VALUE = struct.Struct("<IB3x")
+_MAX_PORTSETS = 16384  # MAX_PORTSETS in bpf/lib/maps.h
+
+
+@dataclass
+class InstalledRuleset:
+    id: int
+    ruleset: Ruleset
+    keys: bytes            # packed rule keys, for deletion
+    portsets: tuple[int, ...]
+    generation: int
+
+
+@dataclass
+class RulesetInfo:
+    """What events need to name a ruleset after the fact."""
+
+    policy: str
+    rule_names: tuple[str, ...]
+    generation: int
+
+
+@dataclass
+class State:
+    generation: int = 0
+    policy_ids: dict[str, int] = field(default_factory=dict)
+
+
+class Enforcement:
+    """Owns the contents of the pinned maps."""
+
+    def __init__(self, programs, state_dir: str, max_rules: int, max_cgroups: int) -> None:
+        self._t = programs
+        self._state_path = os.path.join(state_dir, "state.json")
+        self.max_rules = max_rules
+        self.max_cgroups = max_cgroups
+        self.state = self._load_state()
+        self.installed: dict[str, InstalledRuleset] = {}        # by digest
+        self.by_id: dict[int, RulesetInfo] = {}                 # every id events may name
+        self._portsets: dict[tuple[PortEntry, ...], list[int]] = {}   # content -> [id, refs]
+        self._free_portsets: list[int] = []
+        self._next_portset = 1
+        self._bindings: dict[int, tuple] = {}                   # cgroup id -> value written
+        self._next_ruleset = 1
+        self.rule_entries = 0
+        self._adopt()
+
+    # -- state that survives the agent ------------------------------------------------------------
+
+    def _load_state(self) -> State:
+        try:
+            with open(self._state_path, encoding="utf-8") as f:
+                raw = json.load(f)
+            return State(int(raw.get("generation", 0)),
+                         {str(k): int(v) for k, v in raw.get("policy_ids", {}).items()})
+        except FileNotFoundError:
+            return State()
+        except (ValueError, TypeError, AttributeError) as err:
+            log.warning("ignoring unreadable %s: %s", self._state_path, err)
+            return State()
+
+    def _save_state(self) -> None:
+        os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"generation": self.state.generation,
+                       "policy_ids": self.state.policy_ids}, f)
+        os.replace(tmp, self._state_path)
+
+    def _adopt(self) -> None:
+        """Learn what a previous agent left in the pinned maps, so nothing in use is reused."""
+        in_use = set()
+        for key, value in self._t["bindings"].items():
+            self._bindings[key.value] = (value.ruleset_id, value.policy_id, value.mode,
+                                         value.flags, value.generation)
+            in_use.add(value.ruleset_id)
+        self._adopted_rulesets = in_use - {0}
+        self._next_ruleset = max(in_use | {0}) + 1
+        used_portsets = set()
+        for key, value in self._t["portsets"].items_lookup_batch():
+            if value.count:
+                used_portsets.add(key.value)
+        self._adopted_portsets = used_portsets
+        self._next_portset = max(used_portsets | {0}) + 1
+        self.adopted = bool(self._bindings)
+
+    # -- config and metadata ----------------------------------------------------------------------
+
+    def write_config(self, default_action: int, emit_allow: bool) -> None:
+        cfg = abi.Config(abi_version=abi.ABI_VERSION, generation=self.state.generation,
+                         default_action=int(default_action),
+                         flags=abi.CONFIG_EMIT_ALLOW if emit_allow else 0)
+        table = self._t["config_map"]
+        table[table.Key(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
+
+    def write_metadata(self, networks: Sequence) -> None:
+        table = self._t["metadata"]
+        want = {}
+        for net in networks:
+            v6 = abi.as_v6_network(net)
+            want[(int(v6.network_address), v6.prefixlen)] = net
+        have = {}
+        for key in table.keys():
+            raw = bytes(key)
+            plen, addr = struct.unpack("<I16s", raw)
+            have[(int.from_bytes(addr, "big"), plen)] = key
+        for prefix, net in want.items():
+            if prefix not in have:
+                raw = struct.pack("<I16s", prefix[1], prefix[0].to_bytes(16, "big"))
+                table[table.Key.from_buffer_copy(raw)] = table.Leaf(1)
+        for prefix, key in have.items():
+            if prefix not in want:
+                del table[key]
+
+    # -- rulesets ---------------------------------------------------------------------------------
+
+    def _portset(self, ports: tuple[PortEntry, ...]) -> int:
+        slot = self._portsets.get(ports)
+        if slot:
+            slot[1] += 1
+            return slot[0]
+        if self._free_portsets:
+            pid = self._free_portsets.pop()
+        else:
+            pid = self._next_portset
+            if pid >= _MAX_PORTSETS:
+                raise PolicyCapacityError(f"more than {_MAX_PORTSETS - 1} distinct port sets")
+            self._next_portset += 1
+        ps = abi.PortSet(count=len(ports))
+        for i, p in enumerate(ports):
+            ps.ranges[i] = abi.PortRange(first=p.first, last=p.last, protocols=p.protocols,
+                                         rule=p.rule)
+        table = self._t["portsets"]
+        table[table.Key(pid)] = table.Leaf.from_buffer_copy(bytes(ps))
+        self._portsets[ports] = [pid, 1]
+        return pid
+
+    def _release_portset(self, pid: int) -> None:
+        for ports, slot in list(self._portsets.items()):
+            if slot[0] == pid:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._portsets[ports]
+                    table = self._t["portsets"]
+                    table[table.Key(pid)] = table.Leaf()   # count 0 = free
+                    self._free_portsets.append(pid)
+                return
+
+    def _install(self, ruleset: Ruleset, generation: int) -> InstalledRuleset:
+        rid = self._next_ruleset
+        self._next_ruleset += 1
+        rid_be = rid.to_bytes(4, "big")
+        keys = bytearray()
+        values = bytearray()
+        portsets = []
+        for (addr, plen), (ports, grant) in ruleset.entries.items():
+            pid = self._portset(ports)
+            portsets.append(pid)
+            keys += _RULE_KEY.pack(32 + plen, rid_be, addr.to_bytes(16, "big"))
+            values += _RULE_VALUE.pack(pid, abi.RULE_METADATA_GRANT if grant else 0)
+        self._write_rules(bytes(keys), bytes(values), len(ruleset.entries))
+        return InstalledRuleset(rid, ruleset, bytes(keys), tuple(portsets), generation)
+
+    def _write_rules(self, keys: bytes, values: bytes, n: int) -> None:
+        if not n:
+            return
+        table = self._t["rules"]
+        karr = (table.Key * n).from_buffer_copy(keys)
+        varr = (table.Leaf * n).from_buffer_copy(values)
+        try:
+            table.items_update_batch(karr, varr)
+        except Exception as err:  # bcc raises bare Exception with the errno text
+            raise KernelError(f"writing {n} rule entries failed: {err}") from err
+
+    def _uninstall(self, inst: InstalledRuleset) -> None:
+        table = self._t["rules"]
+        n = len(inst.keys) // _RULE_KEY.size
+        if n:
+            karr = (table.Key * n).from_buffer_copy(inst.keys)
+            try:
+                table.items_delete_batch(karr)
+            except Exception:
+                # lpm_trie has no batch delete on some kernels: fall back to one by one
+                for k in karr:
+                    try:
+                        del table[k]
+                    except KeyError:
+                        pass  # already gone: deletion is the goal
+        for pid in inst.portsets:
+            self._release_portset(pid)
+        self.rule_entries -= n
+
+    def _gc_adopted(self) -> None:
+        """Delete what a previous agent left and nothing points at any more."""
+        live = {inst.id for inst in self.installed.values()}
+        stale = self._adopted_rulesets - live
+        if stale:
+            table = self._t["rules"]
+            for key in list(table.keys()):
+                if int.from_bytes(bytes(key)[4:8], "big") in stale:
+                    del table[key]
+        table = self._t["portsets"]
+        mine = {slot[0] for slot in self._portsets.values()}
+        for pid in self._adopted_portsets - mine:
+            table[table.Key(pid)] = table.Leaf()
+        self._adopted_rulesets = set()
+        self._adopted_portsets = set()
+
+    # -- the whole swap ---------------------------------------------------------------------------
+
+    def policy_id(self, name: str) -> int:
+        pid = self.state.policy_ids.get(name)
+        if pid is None:
+            pid = max(self.state.policy_ids.values(), default=0) + 1
+            self.state.policy_ids[name] = pid
+        return pid
+
+    def apply(self, rulesets: Mapping[str, Ruleset], bindings: Mapping[int, BindingSpec],
+              default_action: int, emit_allow: bool, new_generation: bool) -> dict:
+        """Make the kernel enforce rulesets (by policy name) bound as given. Atomic per cgroup."""
+        new = [r for r in rulesets.values() if r.digest not in self.installed]
+        need = self.rule_entries + sum(len(r) for r in new)
+        if need > self.max_rules:
+            raise PolicyCapacityError(
+                f"the policy needs {sum(len(r) for r in rulesets.values())} rule entries and "
+                f"{need} during the swap; limits.maxRules is {self.max_rules}")
+        if len(bindings) > self.max_cgroups:
+            raise PolicyCapacityError(f"{len(bindings)} cgroups to bind; limits.maxCgroups is "
+                                      f"{self.max_cgroups}")
+
+        generation = self.state.generation + 1 if new_generation else self.state.generation
+        for r in new:
+            inst = self._install(r, generation)
+            self.installed[r.digest] = inst
+            self.rule_entries += len(r)
+            self.by_id[inst.id] = RulesetInfo(r.policy, r.rule_names, generation)
+        by_policy = {name: self.installed[r.digest] for name, r in rulesets.items()}
+        changed = self._write_bindings(by_policy, bindings, generation)
+
+        self.state.generation = generation
+        self.write_config(default_action, emit_allow)
+        live = {r.digest for r in rulesets.values()}
+        removed = 0
+        for digest in list(self.installed):
+            if digest not in live:
+                self._uninstall(self.installed.pop(digest))
+                removed += 1
+        if self._adopted_rulesets or self._adopted_portsets:
+            self._gc_adopted()
+        self._save_state()
+        return {"generation": generation, "rulesets_added": len(new),
+                "rulesets_removed": removed, **changed}
+
+    def _write_bindings(self, by_policy: Mapping[str, InstalledRuleset],
+                        bindings: Mapping[int, BindingSpec], generation: int) -> dict:
+        table = self._t["bindings"]
+        want = {}
+        for cgid, spec in bindings.items():
+            flags = (abi.BINDING_METADATA_EXEMPT if spec.exempt else 0) | \
+                    (abi.BINDING_ALLOW_RAW if spec.allow_raw else 0)
+            if spec.policy is None:
+                value = (0, 0, int(abi.BindingMode.NONE), flags)
+            else:
+                inst = by_policy[spec.policy]
+                value = (inst.id, self.policy_id(spec.policy), int(spec.mode), flags)
+            want[cgid] = value
+        added = changed = 0
+        for cgid, value in want.items():
+            old = self._bindings.get(cgid)
+            if old is not None and old[:4] == value:
+                continue
+            leaf = table.Leaf(ruleset_id=value[0], policy_id=value[1], mode=value[2],
+                              flags=value[3], generation=generation)
+            table[table.Key(cgid)] = leaf
+            self._bindings[cgid] = (*value, generation)
+            if old is None:
+                added += 1
+            else:
+                changed += 1
+        removed = 0
+        for cgid in list(self._bindings.keys() - want.keys()):
+            try:
+                del table[table.Key(cgid)]
+            except KeyError:
+                pass  # the kernel freed it with the cgroup? keep our mirror honest anyway
+            del self._bindings[cgid]
+            removed += 1
+        return {"bindings_added": added, "bindings_changed": changed,
+                "bindings_removed": removed}
+
+    # -- reading back -----------------------------------------------------------------------------
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """Map fill: name -> (entries, capacity)."""
+        return {"rules": (self.rule_entries, self.max_rules),
+                "bindings": (len(self._bindings), self.max_cgroups),
+                "portsets": (len(self._portsets), _MAX_PORTSETS - 1)}
+
+    def decisions(self) -> dict[tuple[int, int, int, int], int]:
+        out = {}
+        for key, values in self._t["decisions"].items():
+            out[(key.policy_id, key.verdict, key.reason, key.hook)] = sum(values)
+        return out
+
+    def errors(self) -> dict[tuple[int, int, int], int]:
+        out = {}
+        for key, values in self._t["errors"].items():
+            out[(key.error, key.file_id, key.line)] = sum(values)
+        return out
+
+    def policy_name(self, policy_id: int) -> str:
+        for name, pid in self.state.policy_ids.items():
+            if pid == policy_id:
+                return name
+        return ""

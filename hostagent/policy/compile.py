@@ -1,0 +1,190 @@
+"""Policies -> what the kernel maps hold.
+
+Two steps, because they change at different times:
+- compile_ruleset(): one policy's rules -> LPM entries (prefix -> port ranges), on a policy change;
+- bind(): every cgroup on the node -> the policy that governs it, on a policy change and on every
+  cgroup resync.
+
+The LPM trie answers with the longest matching prefix only, so each prefix must already carry
+the ports of every rule whose network contains it (10.1.0.0/16 port 80 inside 10.0.0.0/8 port
+443 is stored as 10.1.0.0/16 -> {80, 443}). Addresses are integers in the kernel's key form
+(IPv4 as IPv4-mapped IPv6) so that the containment work stays cheap at 100k prefixes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from hostagent.bpf.abi import MAX_PORT_RANGES, BindingMode, address_of, as_v6_network
+from hostagent.errors import PolicyCapacityError
+from hostagent.policy.model import Mode, Policy, Protocol
+from hostagent.policy.selector import compile_cgroup_pattern, specificity
+
+Prefix = tuple[int, int]  # (128-bit address in key form, prefix length 0..128)
+
+
+@dataclass(frozen=True, slots=True)
+class PortEntry:
+    first: int
+    last: int
+    protocols: int   # PROTO_BIT_*
+    rule: int        # index of the policy's egress rule
+
+
+ALL_PORTS = (0, 65535, int(Protocol.ANY))
+_FULL = (1 << 128) - 1
+
+
+def _mask(plen: int) -> int:
+    return _FULL ^ ((1 << (128 - plen)) - 1) if plen else 0
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """A policy's rules as LPM entries; immutable once installed in the kernel."""
+
+    policy: str
+    rule_names: tuple[str, ...]
+    entries: Mapping[Prefix, tuple[tuple[PortEntry, ...], bool]]   # -> (ports, metadata grant)
+    digest: str
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _networks(policy: Policy) -> Iterable[tuple[Prefix, tuple[PortEntry, ...]]]:
+    any_dest = [as_v6_network(n) for n in _ANY]
+    for rule in policy.egress:
+        ports = tuple(PortEntry(p.first, p.last, int(p.protocols), rule.index) for p in rule.ports)
+        if not ports:
+            ports = (PortEntry(*ALL_PORTS, rule.index),)
+        nets = [as_v6_network(peer.network) for peer in rule.to] if rule.to else any_dest
+        for net in nets:
+            yield (int(net.network_address), net.prefixlen), ports
+
+
+_ANY = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def _within(p: Prefix, outer: Sequence[Prefix]) -> bool:
+    addr, plen = p
+    return any(plen >= olen and addr & _mask(olen) == oaddr for oaddr, olen in outer)
+
+
+def compile_ruleset(policy: Policy, metadata: Iterable) -> Ruleset:
+    """The LPM entries of one policy.
+
+    metadata: the node's blocked metadata networks (ip_network objects, NAT64 forms included).
+    A prefix inside a metadata endpoint is granted only by rules that name the endpoint itself:
+    broader rules (0.0.0.0/0) never open it, and their ports do not leak into it.
+    """
+    meta = [(int(n.network_address), n.prefixlen) for n in map(as_v6_network, metadata)]
+    direct: dict[Prefix, set[PortEntry]] = {}
+    for prefix, ports in _networks(policy):
+        direct.setdefault(prefix, set()).update(ports)
+
+    lengths = sorted({plen for _, plen in direct})
+    inside_meta = {p for p in direct if _within(p, meta)}
+    entries: dict[Prefix, tuple[tuple[PortEntry, ...], bool]] = {}
+    for prefix in direct:
+        addr, plen = prefix
+        grant = prefix in inside_meta
+        ranges: set[PortEntry] = set()
+        for length in lengths:
+            if length > plen:
+                break
+            outer = (addr & _mask(length), length)
+            if outer in direct and (not grant or outer in inside_meta):
+                ranges |= direct[outer]
+        if len(ranges) > MAX_PORT_RANGES:
+            raise PolicyCapacityError(
+                f"policy {policy.name}: destination {_show(prefix)} is covered by "
+                f"{len(ranges)} port ranges; the kernel map holds at most {MAX_PORT_RANGES} per "
+                f"destination (merge rules or split the CIDR)", path=policy.path, line=policy.line)
+        entries[prefix] = (tuple(sorted(ranges, key=lambda r: (r.first, r.last, r.protocols,
+                                                                r.rule))), grant)
+
+    names = tuple(rule.name for rule in policy.egress)
+    h = hashlib.sha256(repr((names, sorted(entries.items()))).encode())
+    return Ruleset(policy.name, names, entries, h.hexdigest())
+
+
+def _show(prefix: Prefix) -> str:
+    addr, plen = prefix
+    ip = address_of(addr.to_bytes(16, "big"))
+    return f"{ip}/{plen - 96 if ip.version == 4 else plen}"
+
+
+# -- binding --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BindingSpec:
+    """What governs one cgroup, before ids are assigned."""
+
+    policy: str | None      # None: no policy, node defaultAction
+    mode: BindingMode
+    exempt: bool            # from the metadata block
+    allow_raw: bool
+
+
+UNBOUND = BindingSpec(None, BindingMode.NONE, False, False)
+
+
+def _parent(path: str) -> str | None:
+    if path == "/":
+        return None
+    head = path.rsplit("/", 1)[0]
+    return head or "/"
+
+
+class Binder:
+    """Computes every cgroup's binding; remembers per-path matches until the policies change.
+
+    A policy selects the cgroups its pattern matches and governs their descendants. The
+    nearest selected ancestor-or-self wins; at one cgroup the more specific pattern wins
+    (equal specificity that can overlap was rejected by policy check).
+    """
+
+    def __init__(self, policies: Sequence[Policy], exempt: Sequence[str]) -> None:
+        self._policies = [(compile_cgroup_pattern(p.selector.cgroup_path),
+                           specificity(p.selector.cgroup_path), p) for p in policies]
+        self._exempt = [compile_cgroup_pattern(e) for e in exempt]
+        self._direct: dict[str, tuple[Policy | None, bool]] = {}
+
+    def _match(self, path: str) -> tuple[Policy | None, bool]:
+        hit = self._direct.get(path)
+        if hit is None:
+            best = None
+            for regex, spec, policy in self._policies:
+                if regex.fullmatch(path) and (best is None or spec > best[0]):
+                    best = (spec, policy)
+            exempt = any(r.fullmatch(path) for r in self._exempt)
+            hit = self._direct[path] = (best[1] if best else None, exempt)
+        return hit
+
+    def bind(self, cgroups: Mapping[str, int]) -> dict[int, BindingSpec]:
+        """cgroup path -> id (every cgroup below the root) to cgroup id -> binding."""
+        resolved: dict[str, tuple[Policy | None, bool]] = {}
+        for path in sorted(cgroups, key=lambda p: (p.count("/"), p)):
+            policy, exempt = self._match(path)
+            parent = _parent(path)
+            inherited = resolved.get(parent) if parent is not None else None
+            if inherited:
+                policy = policy or inherited[0]
+                exempt = exempt or inherited[1]
+            resolved[path] = (policy, exempt)
+        # forget paths that are gone so the cache does not grow with churn
+        for gone in self._direct.keys() - cgroups.keys():
+            del self._direct[gone]
+        out = {}
+        for path, (policy, exempt) in resolved.items():
+            if policy is None:
+                spec = BindingSpec(None, BindingMode.NONE, exempt, False)
+            else:
+                mode = BindingMode.AUDIT if policy.mode is Mode.AUDIT else BindingMode.ENFORCE
+                spec = BindingSpec(policy.name, mode, exempt, policy.allow_raw_sockets)
+            out[cgroups[path]] = spec
+        return out

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Idempotent machine + project set-up, shared by `make run` and `make test` (and so by CI).
+#
+# What a fresh Debian 12 machine lacks for hostagent, and why:
+#   - bcc:       Debian's python3-bpfcc (the PyPI "bcc" is an unrelated package);
+#   - headers:   bcc compiles our C at start and needs kernel headers. Kernels without packaged
+#                headers (this kind of VM) get Debian's linux-headers-<arch>: our programs use only
+#                uapi structs, which are stable across kernel versions, so older headers are fine;
+#   - bpftool:   `hostagent status` and the benchmarks read per-program run times with it;
+#   - nftables:  the benchmark's baseline;
+#   - a virtualenv with the Python dependencies, and bcc linked into it.
+# Each step checks first, so a second run costs a fraction of a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  say "hostagent loads eBPF programs and must be set up and run as root"; exit 1
+fi
+
+arch=$(dpkg --print-architecture)
+want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv)
+kver=$(uname -r)
+have_headers() {
+  [ -e "/lib/modules/$kver/build/include/uapi/linux/bpf.h" ] || [ -e /sys/kernel/kheaders.tar.xz ]
+}
+have_headers || want+=("linux-headers-$arch")
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Point bcc at Debian's headers when the running kernel ships none. Debian splits them into an
+# arch tree and a -common tree; bcc looks for exactly that pair as .../build and .../source.
+if ! have_headers; then
+  hdr=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)
+  common=${hdr%-"$arch"}-common
+  if [ -z "$hdr" ] || [ ! -d "$common" ]; then
+    say "no kernel headers found for bcc under /usr/src (wanted linux-headers-$arch)"; exit 1
+  fi
+  mkdir -p "/lib/modules/$kver"
+  ln -sfn "$hdr" "/lib/modules/$kver/build"
+  ln -sfn "$common" "/lib/modules/$kver/source"
+  say "bcc will use $hdr (+ $common) for kernel $kver"
+fi
+
+# The virtualenv. Re-installed only when pyproject.toml changed.
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$py" -m venv .venv
+fi
+stamp=.venv/.hostagent-installed
+sum=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
+  say "installing Python dependencies"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  echo "$sum" > "$stamp"
+fi
+# bcc is pure Python over ctypes: link Debian's package into the venv rather than putting all of
+# dist-packages on the path.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -e "$site/bcc" ] || ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+.venv/bin/python -c 'import bcc' || { say "bcc does not import in .venv"; exit 1; }
