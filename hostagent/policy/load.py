@@ -1,0 +1,678 @@
+"""Load and validate EgressPolicy YAML into the immutable model (hostagent.policy.model).
+
+Why it looks the way it does:
+
+* YAML is *composed*, never constructed: the node tree keeps the line of every value, so each
+  error can say ``file:line: where.in.the.document: what is wrong (what is expected)``, and no
+  YAML tag can ever create a Python object. Scalars are converted here, strictly: a port must be
+  an integer, not the string "443"; a boolean is ``true`` or ``false``, not ``yes``.
+* Every problem in a directory is collected before anything is raised (as one PolicyErrors), so
+  ``policy check`` can show them all at once, and an invalid update is rejected as a whole.
+* Anchors/aliases and deep nesting are refused, and files are size-limited, so a broken or
+  hostile file cannot make loading slow or exhaust memory (alias bombs).
+* Peer kinds and selector kinds are parsed through ``{key: parser}`` tables (_PEERS,
+  _SELECTORS): adding ``fqdn`` or ``systemdUnit`` means adding one parser and one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import itertools
+import os
+import re
+import stat
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+
+import yaml
+from yaml.composer import ComposerError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from hostagent.errors import PolicyError
+from hostagent.policy.model import CIDRPeer, EgressRule, Mode, Policy, PortRange, Protocol, Selector
+from hostagent.policy.selector import normalize_cgroup_pattern, overlap_example, specificity
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "MAX_FILE_BYTES",
+    "POLICY_SUFFIXES",
+    "PolicyErrors",
+    "load_policy_dir",
+    "load_policy_file",
+    "load_policy_text",
+    "cidr",
+]
+
+API_VERSION = "hostagent.io/v1"
+KIND = "EgressPolicy"
+POLICY_SUFFIXES = (".yaml", ".yml")
+# Real policy files are a few KiB; the limit only stops a mistaken or hostile file early.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+# A policy document nests 6 levels (spec.egress[].ports[].port); anything much deeper is not a
+# policy, and unbounded depth would hit Python's recursion limit in the composer.
+MAX_DEPTH = 32
+
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_NAME_MAX = 253
+_DECIMAL_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_PREFIX_RE = re.compile(r"[0-9]{1,3}")
+
+_TAG = "tag:yaml.org,2002:"
+_STR, _INT, _BOOL, _NULL, _MAP, _SEQ = (_TAG + t for t in ("str", "int", "bool", "null", "map", "seq"))
+
+# Tags YAML gives unquoted values by itself: where a string was meant, quoting it is the fix.
+_IMPLICIT_TAGS = frozenset(_TAG + t for t in ("int", "bool", "null", "float", "timestamp", "merge", "value"))
+
+_MODES = {m.value: m for m in Mode}
+_PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "ANY": Protocol.ANY}
+
+
+class PolicyErrors(PolicyError):
+    """The policies are invalid."""
+
+    def __init__(self, errors: Iterable[PolicyError]) -> None:
+        self.errors: list[PolicyError] = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors) or None)
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def load_policy_text(text: str, path: str = "<string>") -> list[Policy]:
+    """Parse and validate policies from ``text``; ``path`` is only used in error messages."""
+    if len(text) > MAX_FILE_BYTES:
+        raise PolicyErrors([_too_large(path)])
+    parsed, errors = _parse_text(text, path)
+    return _finish(parsed, errors)
+
+
+def load_policy_file(path: str | os.PathLike[str]) -> list[Policy]:
+    """Parse and validate one policy file; duplicate names and ambiguous selectors are checked
+    among the policies of that file."""
+    path = os.fspath(path)
+    try:
+        text = _read(path)
+    except PolicyError as err:
+        raise PolicyErrors([err]) from None
+    parsed, errors = _parse_text(text, path)
+    return _finish(parsed, errors)
+
+
+def load_policy_dir(path: str | os.PathLike[str]) -> list[Policy]:
+    """Parse and validate every *.yaml / *.yml file directly in ``path`` (dotfiles and other
+    files are ignored, symlinks are followed as for Kubernetes ConfigMap mounts).
+
+    Returns the policies sorted by name; an empty directory gives []. Raises PolicyErrors with
+    every problem found, including names and selectors that clash across files.
+    """
+    directory = os.fspath(path)
+    try:
+        with os.scandir(directory) as it:
+            names = sorted(
+                e.name for e in it if not e.name.startswith(".") and e.name.endswith(POLICY_SUFFIXES)
+            )
+    except FileNotFoundError:
+        raise PolicyErrors([PolicyError("policy directory does not exist", path=directory)]) from None
+    except NotADirectoryError:
+        raise PolicyErrors([PolicyError("policy directory is not a directory", path=directory)]) from None
+    except OSError as exc:
+        raise PolicyErrors(
+            [PolicyError(f"cannot read policy directory: {exc.strerror}", path=directory)]
+        ) from None
+    parsed: list[_Parsed] = []
+    errors: list[PolicyError] = []
+    for name in names:
+        file_path = os.path.join(directory, name)
+        try:
+            text = _read(file_path)
+        except PolicyError as err:
+            errors.append(err)
+            continue
+        file_parsed, file_errors = _parse_text(text, file_path)
+        parsed.extend(file_parsed)
+        errors.extend(file_errors)
+    return _finish(parsed, errors)
+
+
+def cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Converter: "10.0.0.0/8", "2001:db8::/32" or a bare address (/32, /128); host bits set,
+    netmask notation and IPv6 zones are errors. Raises ValueError starting with repr(value)."""
+    address, slash, prefix = value.partition("/")
+    expected = "expected a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or a bare address"
+    if slash and not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"{value!r} is not a CIDR ({expected})")
+    if "%" in address:
+        raise ValueError(f"{value!r}: IPv6 zone indexes are not allowed")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 CIDR ({expected})") from None
+    raise ValueError(f"{value!r} has host bits set (expected the network address, {loose})")
+
+
+# --- files and YAML -------------------------------------------------------------------------
+
+
+def _too_large(path: str) -> PolicyError:
+    mib, rest = divmod(MAX_FILE_BYTES, 1024 * 1024)
+    limit = f"{mib} MiB" if mib and not rest else f"{MAX_FILE_BYTES} bytes"
+    return PolicyError(f"file is larger than {limit}", path=path)
+
+
+def _read(path: str) -> str:
+    """The file's text, or PolicyError. Only regular files: a FIFO would block forever."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise PolicyError("not a regular file", path=path)
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file: {exc.strerror}", path=path) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_large(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PolicyError(f"invalid UTF-8 at byte {exc.start}", path=path, line=line) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors, aliases and deep nesting (see module docstring)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: object) -> Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
+            raise ComposerError(
+                None,
+                None,
+                "anchors and aliases (&name, *name) are not supported; "
+                "quote values that start with * or &, such as '*/agent-*'",
+                event.start_mark,
+            )
+        if self._depth >= MAX_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _compose(text: str, path: str) -> tuple[list[Node], PolicyError | None]:
+    """Root nodes of the non-empty documents, up to the first YAML syntax error (if any)."""
+    roots: list[Node] = []
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader checks for unprintable characters here already
+        while loader.check_node():
+            root = loader.get_node()
+            if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL):
+                continue  # empty document (only comments, or a bare ---)
+            roots.append(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        if exc.context and exc.problem:
+            problem = f"{problem} ({exc.context})"
+        if "alias" in problem and "not supported" not in problem:
+            problem += "; quote values that start with * or &, such as '*/agent-*'"
+        line = mark.line + 1 if mark is not None else None
+        return roots, PolicyError(f"invalid YAML: {problem}", path=path, line=line)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return roots, PolicyError(
+            f"invalid YAML: character U+{char:04X} is not allowed ({exc.reason})", path=path, line=line
+        )
+    except yaml.YAMLError as exc:
+        return roots, PolicyError(f"invalid YAML: {exc}", path=path)
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return roots, None
+
+
+# --- typed node access ----------------------------------------------------------------------
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _short(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _describe(node: Node) -> str:
+    """How a node reads in an error message: 'a list', "the string 'x'", 'the integer 5'."""
+    if isinstance(node, MappingNode):
+        return "a mapping" if node.tag == _MAP else f"a value tagged {node.tag}"
+    if isinstance(node, SequenceNode):
+        return "a list" if node.tag == _SEQ else f"a value tagged {node.tag}"
+    value = _short(node.value)
+    kinds = {_STR: "the string", _INT: "the integer", _BOOL: "the boolean", _TAG + "float": "the number"}
+    if node.tag in kinds:
+        return f"{kinds[node.tag]} {value!r}" if node.tag == _STR else f"{kinds[node.tag]} {value}"
+    if node.tag == _NULL:
+        return "an empty value (null)"
+    if node.tag in _IMPLICIT_TAGS:  # what YAML makes of some unquoted values
+        return f"{value!r} (a YAML {node.tag[len(_TAG):]})"
+    return f"a value tagged {node.tag}"
+
+
+class _Reader:
+    """Typed access to the nodes of one file that records every problem instead of raising.
+
+    Each method returns the converted value, or None after recording an error, so a document
+    is walked completely and all its problems are reported together.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: list[PolicyError] = []
+
+    def error(self, node: Node, where: str, msg: str) -> None:
+        self.errors.append(PolicyError(f"{where}: {msg}" if where else msg, path=self.path, line=_line(node)))
+
+    def mapping(
+        self, node: Node, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+    ) -> dict[str, Node] | None:
+        """The mapping's values by key; unknown, duplicate and missing keys are errors."""
+        if not isinstance(node, MappingNode) or node.tag != _MAP:
+            self.error(node, where, f"expected a mapping with keys {', '.join(allowed)}, got {_describe(node)}")
+            return None
+        fields: dict[str, Node] = {}
+        suggested: set[str] = set()
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.error(key_node, where, f"keys must be plain strings, got {_describe(key_node)}")
+                continue
+            key = key_node.value
+            if key_node.tag != _STR or key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                suggested.update(hint)
+                self.error(
+                    key_node,
+                    where,
+                    f"unknown key {_short(key)!r} (allowed keys: {', '.join(allowed)}){suggestion}",
+                )
+            elif key in fields:
+                self.error(key_node, _at(where, key), "duplicate key")
+            else:
+                fields[key] = value_node
+        for key in required:
+            # A misspelt key was already reported with the right spelling.
+            if key not in fields and key not in suggested and not any(
+                isinstance(k, ScalarNode) and k.value == key for k, _ in node.value
+            ):
+                self.error(node, where, f"missing required key {key!r}")
+        return fields
+
+    def sequence(self, node: Node, where: str, of: str) -> list[Node] | None:
+        if not isinstance(node, SequenceNode) or node.tag != _SEQ:
+            self.error(node, where, f"expected a list of {of}, got {_describe(node)}")
+            return None
+        return list(node.value)
+
+    def string(self, node: Node, where: str) -> str | None:
+        if not isinstance(node, ScalarNode) or node.tag != _STR:
+            hint = "; quote it to make it a string" if node.tag in _IMPLICIT_TAGS else ""
+            self.error(node, where, f"expected a string, got {_describe(node)}{hint}")
+            return None
+        return node.value
+
+    def integer(self, node: Node, where: str, lo: int, hi: int, what: str) -> int | None:
+        """A decimal integer in lo..hi; 0x1bb, 0o17, 1_000 and "443" are refused as unclear."""
+        if not isinstance(node, ScalarNode) or node.tag != _INT or not _DECIMAL_RE.fullmatch(node.value):
+            self.error(node, where, f"expected {what} ({lo}-{hi}) as a decimal integer, got {_describe(node)}")
+            return None
+        # Length check first: int() of thousands of digits is slow (and limited since 3.11).
+        if len(node.value) > 20 or not lo <= int(node.value) <= hi:
+            self.error(node, where, f"{_short(node.value)} is not {what} ({lo}-{hi})")
+            return None
+        return int(node.value)
+
+    def boolean(self, node: Node, where: str) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == _BOOL and node.value in ("true", "false"):
+            return node.value == "true"
+        self.error(node, where, f"expected true or false, got {_describe(node)}")
+        return None
+
+    def choice(self, node: Node, where: str, choices: Mapping[str, object], what: str) -> object | None:
+        text = self.string(node, where)
+        if text is None:
+            return None
+        if text not in choices:
+            self.error(node, where, f"{_short(text)!r} is not {what} (expected {_or(choices)})")
+            return None
+        return choices[text]
+
+    def one_of(self, node: Node, where: str, kinds: Mapping[str, object]) -> tuple[str, Node] | None:
+        """The single ``{kind: value}`` entry of a mapping whose key picks the kind."""
+        fields = self.mapping(node, where, tuple(kinds))
+        if fields is None:
+            return None
+        if len(fields) != 1:
+            if fields or not node.value:  # unknown keys alone were already reported
+                self.error(node, where, f"expected exactly one of: {', '.join(kinds)}")
+            return None
+        return next(iter(fields.items()))
+
+
+def _or(choices: Iterable[str]) -> str:
+    items = list(choices)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+# --- the schema -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What one document contributed: the policy if it is valid, and whichever of its name and
+    selector are valid, so that clashes with other documents are reported even for a document
+    that has errors of its own."""
+
+    path: str
+    line: int
+    policy: Policy | None
+    name: str | None
+    name_line: int
+    selector: Selector | None
+
+
+def _cgroup_path_selector(r: _Reader, node: Node, where: str) -> Selector | None:
+    text = r.string(node, where)
+    if text is None:
+        return None
+    try:
+        return Selector(cgroup_path=normalize_cgroup_pattern(text), line=_line(node))
+    except ValueError as exc:
+        r.error(node, where, f"invalid cgroup path pattern: {exc}")
+        return None
+
+
+def _cidr_peer(r: _Reader, node: Node, where: str) -> CIDRPeer | None:
+    text = r.string(node, where)
+    if text is None:
+        return None
+    try:
+        return CIDRPeer(network=cidr(text))
+    except ValueError as exc:
+        r.error(node, where, str(exc))
+        return None
+
+
+# Kinds of selector and of peer, by YAML key. Each parser returns the model object or None after
+# recording an error.
+_SELECTORS: dict[str, Callable[[_Reader, Node, str], Selector | None]] = {
+    "cgroupPath": _cgroup_path_selector,
+}
+_PEERS: dict[str, Callable[[_Reader, Node, str], CIDRPeer | None]] = {
+    "cidr": _cidr_peer,
+}
+
+
+def _port_range(r: _Reader, node: Node, where: str) -> PortRange | None:
+    fields = r.mapping(node, where, ("port", "endPort", "protocol"), required=("port",))
+    if fields is None:
+        return None
+    first = last = None
+    if "port" in fields:
+        first = last = r.integer(fields["port"], _at(where, "port"), 1, 65535, "a port number")
+    if "endPort" in fields:
+        last = r.integer(fields["endPort"], _at(where, "endPort"), 1, 65535, "a port number")
+    protocols = Protocol.TCP
+    if "protocol" in fields:
+        protocols = r.choice(fields["protocol"], _at(where, "protocol"), _PROTOCOLS, "a protocol")
+    if first is not None and last is not None and last < first:
+        r.error(fields["endPort"], _at(where, "endPort"), f"{last} is less than port {first} (expected endPort >= port)")
+        return None
+    if first is None or last is None or protocols is None:
+        return None
+    return PortRange(first=first, last=last, protocols=protocols)
+
+
+def _rule(r: _Reader, node: Node, where: str, index: int) -> tuple[EgressRule | None, str | None]:
+    """One egress rule (None if invalid), and its name if that is valid (for duplicate checks)."""
+    fields = r.mapping(node, where, ("name", "to", "ports"))
+    if fields is None:
+        return None, None
+    before = len(r.errors)
+    name: str | None = f"egress[{index}]"
+    if "name" in fields:
+        name = r.string(fields["name"], _at(where, "name"))
+        if name is not None and not (0 < len(name) <= _NAME_MAX and name.isprintable()):
+            r.error(fields["name"], _at(where, "name"), f"expected 1-{_NAME_MAX} printable characters")
+            name = None
+    peers: list[CIDRPeer | None] = []
+    if "to" in fields:
+        where_to = _at(where, "to")
+        items = r.sequence(fields["to"], where_to, "peers")
+        if items == []:
+            r.error(
+                fields["to"],
+                where_to,
+                "an empty list would allow nothing; omit 'to' to allow any destination, or list peers",
+            )
+        for i, item in enumerate(items or ()):
+            picked = r.one_of(item, f"{where_to}[{i}]", _PEERS)
+            if picked is not None:
+                kind, value = picked
+                peers.append(_PEERS[kind](r, value, _at(f"{where_to}[{i}]", kind)))
+    ports: list[PortRange | None] = []
+    if "ports" in fields:
+        where_ports = _at(where, "ports")
+        for i, item in enumerate(r.sequence(fields["ports"], where_ports, "ports") or ()):
+            ports.append(_port_range(r, item, f"{where_ports}[{i}]"))
+    if len(r.errors) > before or name is None:
+        return None, name
+    rule = EgressRule(
+        index=index, name=name, to=tuple(peers), ports=tuple(ports), line=_line(node)  # type: ignore[arg-type]
+    )
+    return rule, name
+
+
+def _egress(r: _Reader, node: Node, where: str) -> tuple[EgressRule, ...] | None:
+    """The rules; names must be unique within the policy so events can name the rule."""
+    items = r.sequence(node, where, "rules")
+    if items is None:
+        return None
+    before = len(r.errors)
+    rules: list[EgressRule] = []
+    first_by_name: dict[str, int] = {}
+    for index, item in enumerate(items):
+        rule, name = _rule(r, item, f"{where}[{index}]", index)
+        if name is not None:
+            first = first_by_name.setdefault(name, index)
+            if first != index:
+                r.error(
+                    _name_node(item) or item,
+                    f"{where}[{index}].name",
+                    f"rule name {name!r} is already used by {where}[{first}]",
+                )
+        if rule is not None:
+            rules.append(rule)
+    return tuple(rules) if len(r.errors) == before else None
+
+
+def _name_node(node: Node) -> Node | None:
+    """The value node of a mapping's "name" key, for pointing errors at it."""
+    if isinstance(node, MappingNode):
+        for key, value in node.value:
+            if isinstance(key, ScalarNode) and key.value == "name":
+                return value
+    return None
+
+
+def _spec(r: _Reader, node: Node) -> dict[str, object]:
+    """The spec's parts by model field name; an invalid part is None (its error is recorded)."""
+    fields = r.mapping(node, "spec", ("selector", "mode", "allowRawSockets", "egress"), required=("selector",))
+    if fields is None:
+        return {"selector": None}
+    out: dict[str, object] = {"selector": None, "mode": Mode.ENFORCE, "allow_raw_sockets": False, "egress": ()}
+    if "selector" in fields:
+        picked = r.one_of(fields["selector"], "spec.selector", _SELECTORS)
+        if picked is not None:
+            kind, value = picked
+            out["selector"] = _SELECTORS[kind](r, value, f"spec.selector.{kind}")
+    if "mode" in fields:
+        out["mode"] = r.choice(fields["mode"], "spec.mode", _MODES, "a mode")
+    if "allowRawSockets" in fields:
+        out["allow_raw_sockets"] = r.boolean(fields["allowRawSockets"], "spec.allowRawSockets")
+    if "egress" in fields:
+        out["egress"] = _egress(r, fields["egress"], "spec.egress")
+    return out
+
+
+def _metadata(r: _Reader, node: Node) -> tuple[str | None, Node]:
+    """The policy name if valid, and the node errors about the name should point at."""
+    meta = r.mapping(node, "metadata", ("name",), required=("name",))
+    if not meta or "name" not in meta:
+        return None, node
+    name = r.string(meta["name"], "metadata.name")
+    if name is not None and not (len(name) <= _NAME_MAX and _NAME_RE.fullmatch(name)):
+        r.error(
+            meta["name"],
+            "metadata.name",
+            f"{_short(name)!r} is not a valid policy name (expected at most {_NAME_MAX} "
+            "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)",
+        )
+        name = None
+    return name, meta["name"]
+
+
+def _policy(r: _Reader, root: Node) -> _Parsed | None:
+    """One document; None if it is not even an EgressPolicy mapping."""
+    keys = ("apiVersion", "kind", "metadata", "spec")
+    fields = r.mapping(root, "", keys, required=keys)
+    if fields is None:
+        return None
+    before = len(r.errors)
+    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if key in fields:
+            value = r.string(fields[key], key)
+            if value is not None and value != expected:
+                r.error(fields[key], key, f"{_short(value)!r} is not supported (expected {expected})")
+    if len(r.errors) > before:
+        return None  # another version or kind: its schema may differ, so stop here
+    name, name_node = _metadata(r, fields["metadata"]) if "metadata" in fields else (None, root)
+    spec = _spec(r, fields["spec"]) if "spec" in fields else {"selector": None}
+    policy = None
+    if len(r.errors) == before and name is not None and None not in spec.values():
+        policy = Policy(
+            name=name,
+            selector=spec["selector"],  # type: ignore[arg-type]
+            mode=spec["mode"],  # type: ignore[arg-type]
+            allow_raw_sockets=spec["allow_raw_sockets"],  # type: ignore[arg-type]
+            egress=spec["egress"],  # type: ignore[arg-type]
+            path=r.path,
+            line=_line(root),
+        )
+    return _Parsed(
+        path=r.path,
+        line=_line(root),
+        policy=policy,
+        name=name,
+        name_line=_line(name_node),
+        selector=spec["selector"],  # type: ignore[arg-type]
+    )
+
+
+def _parse_text(text: str, path: str) -> tuple[list[_Parsed], list[PolicyError]]:
+    roots, syntax_error = _compose(text, path)
+    r = _Reader(path)
+    parsed = [p for p in (_policy(r, root) for root in roots) if p is not None]
+    errors = sorted(r.errors, key=lambda e: e.context.get("line") or 0)
+    if syntax_error is not None:
+        errors.append(syntax_error)
+    return parsed, errors
+
+
+# --- checks across policies -----------------------------------------------------------------
+
+
+def _label(p: _Parsed) -> str:
+    return repr(p.name) if p.name is not None else f"at {p.path}:{p.line}"
+
+
+def _candidate_pairs(group: list[_Parsed]) -> list[tuple[_Parsed, _Parsed]]:
+    """The pairs of ``group`` (in order) that may overlap. Patterns whose first segments are
+    different literals cannot, which keeps large sets of per-workload policies fast."""
+    by_first: dict[str | None, list[int]] = defaultdict(list)
+    for index, p in enumerate(group):
+        first = p.selector.cgroup_path.split("/")[1]  # type: ignore[union-attr]
+        literal = first and not any(c in first for c in "*?")
+        by_first[first if literal else None].append(index)
+    wild = by_first.pop(None, [])
+    pairs = {pair for indexes in by_first.values() for pair in itertools.combinations(indexes, 2)}
+    pairs.update((min(w, i), max(w, i)) for w in wild for i in range(len(group)) if i != w)
+    return [(group[i], group[j]) for i, j in sorted(pairs)]
+
+
+def _check_set(parsed: list[_Parsed]) -> list[PolicyError]:
+    """Names must be unique, and equal-specificity selectors must not select the same cgroup
+    (neither policy would take precedence, so the outcome would depend on load order)."""
+    errors: list[PolicyError] = []
+    first_by_name: dict[str, _Parsed] = {}
+    by_specificity: dict[tuple[int, int], list[_Parsed]] = defaultdict(list)
+    for p in parsed:
+        if p.name is not None:
+            first = first_by_name.setdefault(p.name, p)
+            if first is not p:
+                errors.append(
+                    PolicyError(
+                        f"metadata.name: policy name {p.name!r} is already used at "
+                        f"{first.path}:{first.name_line}",
+                        path=p.path,
+                        line=p.name_line,
+                    )
+                )
+                continue  # a copy of another policy: one error about it is enough
+        if p.selector is not None:
+            by_specificity[specificity(p.selector.cgroup_path)].append(p)
+    for spec, group in by_specificity.items():
+        for a, b in _candidate_pairs(group):
+            pa, pb = a.selector.cgroup_path, b.selector.cgroup_path  # type: ignore[union-attr]
+            example = overlap_example(pa, pb)
+            if example is None:
+                continue
+            if pa == pb:
+                what = f"both select {pa!r}"
+            else:
+                what = f"both select {example!r} (patterns {pa!r} and {pb!r})"
+            errors.append(
+                PolicyError(
+                    f"spec.selector.cgroupPath: policies {_label(a)} ({a.path}:{a.selector.line}) "  # type: ignore[union-attr]
+                    f"and {_label(b)} have equal specificity {spec} and {what}; "
+                    "make one pattern more specific or merge the policies",
+                    path=b.path,
+                    line=b.selector.line,  # type: ignore[union-attr]
+                )
+            )
+    return errors
+
+
+def _finish(parsed: list[_Parsed], errors: list[PolicyError]) -> list[Policy]:
+    errors = errors + _check_set(parsed)
+    if errors:
+        raise PolicyErrors(errors)
+    policies = [p.policy for p in parsed if p.policy is not None]
+    return sorted(policies, key=lambda p: (p.name, p.path, p.line))

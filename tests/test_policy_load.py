@@ -1,0 +1,618 @@
+"""Policy loading and validation: accept/reject tables, directories, and fuzzing.
+
+Every reject case asserts the rendered ``file:line: message`` so that error locations stay
+pointed at the offending YAML node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostagent.errors import HostAgentError, PolicyError
+from hostagent.policy import (
+    CIDRPeer,
+    EgressRule,
+    Mode,
+    Policy,
+    PolicyErrors,
+    PortRange,
+    Protocol,
+    load_policy_dir,
+    load_policy_file,
+    load_policy_text,
+)
+from hostagent.policy import load as load_module
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "policies"
+PATH = "policies/a.yaml"
+
+# Line numbers are part of the expectations below: keep this text's layout.
+BASE = """\
+apiVersion: hostagent.io/v1
+kind: EgressPolicy
+metadata:
+  name: agent-a
+spec:
+  selector:
+    cgroupPath: /workloads/agent-a
+  mode: enforce
+  allowRawSockets: false
+  egress:
+    - name: api
+      to:
+        - cidr: 10.20.0.0/16
+        - cidr: 2001:db8::/32
+      ports:
+        - {port: 443, protocol: TCP}
+        - {port: 8000, endPort: 8100, protocol: ANY}
+"""
+
+
+SPEC = BASE[BASE.index("spec:\n") :]
+EGRESS = BASE[BASE.index("  egress:\n") :]
+PORTS = BASE[BASE.index("      ports:\n") :]
+
+
+def policy_doc(name: str = "agent-a", cgroup: str = "/workloads/agent-a", extra: str = "") -> str:
+    return (
+        f"apiVersion: hostagent.io/v1\nkind: EgressPolicy\nmetadata:\n  name: {name}\n"
+        f"spec:\n  selector:\n    cgroupPath: {cgroup!r}\n{extra}"
+    )
+
+
+def errors_of(text: str, path: str = PATH) -> list[str]:
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_text(text, path)
+    assert str(info.value) == "\n".join(str(e) for e in info.value.errors)
+    return [str(e) for e in info.value.errors]
+
+
+def replaced(old: str, new: str) -> str:
+    assert BASE.count(old) == 1, old
+    return BASE.replace(old, new)
+
+
+# --- accept ---------------------------------------------------------------------------------
+
+
+def test_base_policy_model():
+    [policy] = load_policy_text(BASE, PATH)
+    assert policy == Policy(
+        name="agent-a",
+        selector=policy.selector,
+        mode=Mode.ENFORCE,
+        allow_raw_sockets=False,
+        egress=(
+            EgressRule(
+                index=0,
+                name="api",
+                to=(
+                    CIDRPeer(ipaddress.ip_network("10.20.0.0/16")),
+                    CIDRPeer(ipaddress.ip_network("2001:db8::/32")),
+                ),
+                ports=(PortRange(443, 443, Protocol.TCP), PortRange(8000, 8100, Protocol.ANY)),
+                line=11,
+            ),
+        ),
+        path=PATH,
+        line=1,
+    )
+    assert policy.selector.cgroup_path == "/workloads/agent-a"
+    assert policy.selector.line == 7
+    assert not policy.egress[0].any_destination
+    assert not policy.egress[0].all_ports
+
+
+def test_defaults():
+    [policy] = load_policy_text(policy_doc(extra="  egress:\n    - {}\n    - ports: []\n"))
+    assert policy.mode is Mode.ENFORCE
+    assert policy.allow_raw_sockets is False
+    first, second = policy.egress
+    assert (first.name, first.index, first.to, first.ports) == ("egress[0]", 0, (), ())
+    assert first.any_destination and first.all_ports
+    assert second.name == "egress[1]" and second.all_ports
+
+
+def test_missing_egress_allows_nothing():
+    [policy] = load_policy_text(policy_doc())
+    assert policy.egress == ()
+    [policy] = load_policy_text(policy_doc(extra="  egress: []\n"))
+    assert policy.egress == ()
+
+
+@pytest.mark.parametrize(
+    "old, new, check",
+    [
+        ("mode: enforce", "mode: audit", lambda p: p.mode is Mode.AUDIT),
+        ("allowRawSockets: false", "allowRawSockets: true", lambda p: p.allow_raw_sockets is True),
+        ("cidr: 10.20.0.0/16", "cidr: 10.20.0.7", lambda p: str(p.egress[0].to[0].network) == "10.20.0.7/32"),
+        ("cidr: 2001:db8::/32", "cidr: '2001:db8::1'", lambda p: p.egress[0].to[1].network.prefixlen == 128),
+        ("protocol: TCP}", "}", lambda p: p.egress[0].ports[0].protocols is Protocol.TCP),
+        ("protocol: TCP}", "protocol: UDP}", lambda p: p.egress[0].ports[0].protocols is Protocol.UDP),
+        ("endPort: 8100", "endPort: 8000", lambda p: p.egress[0].ports[1] == PortRange(8000, 8000, Protocol.ANY)),
+        ("port: 443,", "port: 65535,", lambda p: p.egress[0].ports[0].first == 65535),
+        ("port: 443,", "port: 1,", lambda p: p.egress[0].ports[0].first == 1),
+        ("cgroupPath: /workloads/agent-a", "cgroupPath: workloads//agent-a/", lambda p: p.selector.cgroup_path == "/workloads/agent-a"),
+        ("cgroupPath: /workloads/agent-a", "cgroupPath: '*/agent-?'", lambda p: p.selector.cgroup_path == "/*/agent-?"),
+        ("cgroupPath: /workloads/agent-a", "cgroupPath: /", lambda p: p.selector.cgroup_path == "/"),
+        ("name: agent-a", "name: a.b-c.0", lambda p: p.name == "a.b-c.0"),
+        ("name: agent-a", "name: '0'", lambda p: p.name == "0"),
+        ("name: api", "name: Allow API (v2)", lambda p: p.egress[0].name == "Allow API (v2)"),
+        ("  name: agent-a\n", "  name: " + "a" * 253 + "\n", lambda p: len(p.name) == 253),
+    ],
+)
+def test_accept(old, new, check):
+    [policy] = load_policy_text(replaced(old, new), PATH)
+    assert check(policy)
+
+
+def test_multiple_documents_and_empty_documents():
+    text = "---\n# nothing\n---\n" + policy_doc("b", "/b") + "---\n---\n" + policy_doc("a", "/a") + "...\n"
+    policies = load_policy_text(text)
+    assert [p.name for p in policies] == ["a", "b"]  # sorted by name
+    assert [p.line for p in policies] == [13, 4]
+
+
+def test_empty_text():
+    assert load_policy_text("") == []
+    assert load_policy_text("# only a comment\n") == []
+
+
+def test_policy_objects_are_frozen():
+    [policy] = load_policy_text(BASE)
+    with pytest.raises(AttributeError):
+        policy.name = "other"  # type: ignore[misc]
+    assert hash(policy) == hash(load_policy_text(BASE)[0])
+
+
+# --- reject ---------------------------------------------------------------------------------
+
+REJECT = [
+    # (old, new, line, message)
+    ("apiVersion: hostagent.io/v1", "apiVersion: hostagent.io/v2", 1, "apiVersion: 'hostagent.io/v2' is not supported (expected hostagent.io/v1)"),
+    ("kind: EgressPolicy", "kind: NetworkPolicy", 2, "kind: 'NetworkPolicy' is not supported (expected EgressPolicy)"),
+    ("kind: EgressPolicy", "kind: [EgressPolicy]", 2, "kind: expected a string, got a list"),
+    ("kind: EgressPolicy\n", "kind: EgressPolicy\nstatus: {}\n", 3, "unknown key 'status' (allowed keys: apiVersion, kind, metadata, spec)"),
+    ("kind: EgressPolicy\n", "", 1, "missing required key 'kind'"),
+    ("  name: agent-a\n", "  name: agent-a\n  labels: {}\n", 5, "metadata: unknown key 'labels' (allowed keys: name)"),
+    ("  name: agent-a\n", "  nme: agent-a\n", 4, "metadata: unknown key 'nme' (allowed keys: name); did you mean 'name'?"),
+    ("name: agent-a", "name: Agent-A", 4, "metadata.name: 'Agent-A' is not a valid policy name"),
+    ("name: agent-a", "name: agent-", 4, "metadata.name: 'agent-' is not a valid policy name"),
+    ("name: agent-a", "name: -agent", 4, "metadata.name: '-agent' is not a valid policy name"),
+    ("name: agent-a", "name: agent_a", 4, "metadata.name: 'agent_a' is not a valid policy name"),
+    ("name: agent-a", "name: ''", 4, "metadata.name: '' is not a valid policy name"),
+    ("  name: agent-a\n", "  name: " + "a" * 254 + "\n", 4, "is not a valid policy name (expected at most 253"),
+    ("name: agent-a", "name: 123", 4, "metadata.name: expected a string, got the integer 123; quote it to make it a string"),
+    ("name: agent-a", "name: no", 4, "metadata.name: expected a string, got the boolean no"),
+    ("metadata:\n  name: agent-a\n", "metadata: agent-a\n", 3, "metadata: expected a mapping with keys name, got the string 'agent-a'"),
+    ("  selector:\n    cgroupPath: /workloads/agent-a\n", "  selector: {}\n", 6, "spec.selector: expected exactly one of: cgroupPath"),
+    ("  mode: enforce\n", "  mode2: enforce\n", 8, "spec: unknown key 'mode2' (allowed keys: selector, mode, allowRawSockets, egress); did you mean 'mode'?"),
+    ("  selector:\n    cgroupPath: /workloads/agent-a\n", "", 6, "spec: missing required key 'selector'"),
+    ("    cgroupPath: /workloads/agent-a", "    kubernetes: {}", 7, "spec.selector: unknown key 'kubernetes' (allowed keys: cgroupPath)"),
+    ("cgroupPath: /workloads/agent-a", "cgroupPath: /workloads/../agent-a", 7, "spec.selector.cgroupPath: invalid cgroup path pattern: '/workloads/../agent-a'"),
+    ("cgroupPath: /workloads/agent-a", "cgroupPath: /workloads/[ab]", 7, "spec.selector.cgroupPath: invalid cgroup path pattern: '/workloads/[ab]'"),
+    ("cgroupPath: /workloads/agent-a", "cgroupPath: /workloads/a**", 7, "'**' must be a whole path segment"),
+    ("cgroupPath: /workloads/agent-a", "cgroupPath: ''", 7, "spec.selector.cgroupPath: invalid cgroup path pattern: '': "),
+    ("cgroupPath: /workloads/agent-a", "cgroupPath: [/a]", 7, "spec.selector.cgroupPath: expected a string, got a list"),
+    ("mode: enforce", "mode: Enforce", 8, "spec.mode: 'Enforce' is not a mode (expected enforce or audit)"),
+    ("mode: enforce", "mode: block", 8, "spec.mode: 'block' is not a mode (expected enforce or audit)"),
+    ("allowRawSockets: false", "allowRawSockets: no", 9, "spec.allowRawSockets: expected true or false, got the boolean no"),
+    ("allowRawSockets: false", "allowRawSockets: 'false'", 9, "spec.allowRawSockets: expected true or false, got the string 'false'"),
+    ("allowRawSockets: false", "allowRawSockets: 0", 9, "spec.allowRawSockets: expected true or false, got the integer 0"),
+    ("allowRawSockets: false", "allowRawSockets: False", 9, "spec.allowRawSockets: expected true or false"),
+    ("allowRawSockets: false", "allowRawSockets:", 9, "spec.allowRawSockets: expected true or false, got an empty value (null)"),
+    (EGRESS, "  egress: allow-all\n", 10, "spec.egress: expected a list of rules, got the string 'allow-all'"),
+    ("    - name: api\n", "    - name: api\n      from: []\n", 12, "spec.egress[0]: unknown key 'from' (allowed keys: name, to, ports)"),
+    ("name: api", "name: ''", 11, "spec.egress[0].name: expected 1-253 printable characters"),
+    ("name: api", "name: [api]", 11, "spec.egress[0].name: expected a string, got a list"),
+    ("      to:\n        - cidr: 10.20.0.0/16\n        - cidr: 2001:db8::/32\n", "      to: []\n", 12, "spec.egress[0].to: an empty list would allow nothing; omit 'to' to allow any destination"),
+    ("      to:\n        - cidr: 10.20.0.0/16\n        - cidr: 2001:db8::/32\n", "      to:\n", 12, "spec.egress[0].to: expected a list of peers, got an empty value (null)"),
+    ("      to:\n        - cidr: 10.20.0.0/16\n        - cidr: 2001:db8::/32\n", "      to: {cidr: 10.0.0.0/8}\n", 12, "spec.egress[0].to: expected a list of peers, got a mapping"),
+    ("cidr: 10.20.0.0/16", "cidr: 10.20.0.1/16", 13, "spec.egress[0].to[0].cidr: '10.20.0.1/16' has host bits set (expected the network address, 10.20.0.0/16)"),
+    ("cidr: 2001:db8::/32", "cidr: 2001:db8::1/32", 14, "spec.egress[0].to[1].cidr: '2001:db8::1/32' has host bits set (expected the network address, 2001:db8::/32)"),
+    ("cidr: 10.20.0.0/16", "cidr: 10.20.0.0/33", 13, "spec.egress[0].to[0].cidr: '10.20.0.0/33' is not an IPv4 or IPv6 CIDR"),
+    ("cidr: 10.20.0.0/16", "cidr: 10.20.0.0/255.255.0.0", 13, "spec.egress[0].to[0].cidr: '10.20.0.0/255.255.0.0' is not a CIDR"),
+    ("cidr: 10.20.0.0/16", "cidr: example.com", 13, "spec.egress[0].to[0].cidr: 'example.com' is not an IPv4 or IPv6 CIDR"),
+    ("cidr: 10.20.0.0/16", "cidr: 'fe80::1%eth0'", 13, "IPv6 zone indexes are not allowed"),
+    ("cidr: 10.20.0.0/16", "cidr: 167772160", 13, "spec.egress[0].to[0].cidr: expected a string, got the integer 167772160"),
+    ("- cidr: 10.20.0.0/16", "- fqdn: example.com", 13, "spec.egress[0].to[0]: unknown key 'fqdn' (allowed keys: cidr)"),
+    ("- cidr: 10.20.0.0/16", "- {}", 13, "spec.egress[0].to[0]: expected exactly one of: cidr"),
+    ("- cidr: 10.20.0.0/16", "- 10.20.0.0/16", 13, "spec.egress[0].to[0]: expected a mapping with keys cidr, got the string '10.20.0.0/16'"),
+    (PORTS, "      ports: 443\n", 15, "spec.egress[0].ports: expected a list of ports, got the integer 443"),
+    ("port: 443,", "port: 70000,", 16, "spec.egress[0].ports[0].port: 70000 is not a port number (1-65535)"),
+    ("port: 443,", "port: 0,", 16, "spec.egress[0].ports[0].port: 0 is not a port number (1-65535)"),
+    ("port: 443,", "port: -1,", 16, "spec.egress[0].ports[0].port: -1 is not a port number (1-65535)"),
+    ("port: 443,", "port: 99999999999999999999999999,", 16, "99999999999999999999999999 is not a port number"),
+    ("port: 443,", "port: '443',", 16, "spec.egress[0].ports[0].port: expected a port number (1-65535) as a decimal integer, got the string '443'"),
+    ("port: 443,", "port: https,", 16, "spec.egress[0].ports[0].port: expected a port number (1-65535) as a decimal integer, got the string 'https'"),
+    ("port: 443,", "port: 443.0,", 16, "got the number 443.0"),
+    ("port: 443,", "port: 0x1bb,", 16, "as a decimal integer, got the integer 0x1bb"),
+    ("port: 443,", "port: 0443,", 16, "as a decimal integer, got the integer 0443"),
+    ("port: 443,", "port: 4_43,", 16, "as a decimal integer"),
+    ("port: 443,", "port: true,", 16, "got the boolean true"),
+    ("{port: 443, protocol: TCP}", "{protocol: TCP}", 16, "spec.egress[0].ports[0]: missing required key 'port'"),
+    ("{port: 443, protocol: TCP}", "{port: 443, proto: TCP}", 16, "spec.egress[0].ports[0]: unknown key 'proto' (allowed keys: port, endPort, protocol); did you mean 'protocol'?"),
+    ("{port: 443, protocol: TCP}", "{port: 443, port: 80}", 16, "spec.egress[0].ports[0].port: duplicate key"),
+    ("protocol: TCP}", "protocol: tcp}", 16, "spec.egress[0].ports[0].protocol: 'tcp' is not a protocol (expected TCP, UDP or ANY)"),
+    ("protocol: TCP}", "protocol: SCTP}", 16, "spec.egress[0].ports[0].protocol: 'SCTP' is not a protocol (expected TCP, UDP or ANY)"),
+    ("endPort: 8100", "endPort: 7999", 17, "spec.egress[0].ports[1].endPort: 7999 is less than port 8000 (expected endPort >= port)"),
+    ("endPort: 8100", "endPort: 65536", 17, "spec.egress[0].ports[1].endPort: 65536 is not a port number (1-65535)"),
+    ("        - {port: 443, protocol: TCP}\n", "        - 443\n", 16, "spec.egress[0].ports[0]: expected a mapping with keys port, endPort, protocol, got the integer 443"),
+    ("    - name: api\n", "    - name: api\n    - name: api\n", 12, "spec.egress[1].name: rule name 'api' is already used by spec.egress[0]"),
+    ("    - name: api\n", "    - {}\n    - name: egress[0]\n", 12, "spec.egress[1].name: rule name 'egress[0]' is already used by spec.egress[0]"),
+    (SPEC, "spec: !!set {a}\n", 5, "spec: expected a mapping with keys selector, mode, allowRawSockets, egress, got a value tagged tag:yaml.org,2002:set"),
+    ("mode: enforce", "mode: !custom enforce", 8, "spec.mode: expected a string, got a value tagged !custom"),
+    ("mode: enforce", "mode: !!python/object:os.system enforce", 8, "spec.mode: expected a string, got a value tagged tag:yaml.org,2002:python/object:os.system"),
+    ("mode: enforce", "mode: 2024-01-01", 8, "spec.mode: expected a string, got '2024-01-01' (a YAML timestamp); quote it to make it a string"),
+    ("  name: agent-a\n", "  name: agent-a\n  ? [a]\n  : b\n", 5, "metadata: keys must be plain strings, got a list"),
+    ("  name: agent-a\n", "  name: agent-a\n  1: b\n", 5, "metadata: unknown key '1' (allowed keys: name)"),
+]
+
+
+@pytest.mark.parametrize("old, new, line, message", REJECT)
+def test_reject(old, new, line, message):
+    errors = errors_of(replaced(old, new))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{PATH}:{line}: "), errors
+    assert message in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        ("[a, b", 1, "invalid YAML: expected ',' or ']', but got '<stream end>'"),
+        ("a: b\n c: d\n", 2, "invalid YAML: mapping values are not allowed here"),
+        ("a: b\n\tc: d\n", 2, "invalid YAML: "),
+        ("key: 'unterminated\n", 2, "invalid YAML: "),
+        ("a: \x00\n", 1, "invalid YAML: character U+0000 is not allowed"),
+        ("a: &x [1]\nb: *x\n", 1, "invalid YAML: anchors and aliases (&name, *name) are not supported"),
+        ("a: *x\n", 1, "invalid YAML: anchors and aliases"),
+        ("cgroupPath: */agent-*\n", 1, "quote values that start with * or &"),
+        ("[" * 100 + "]" * 100, 1, "invalid YAML: nested deeper than 32 levels"),
+        ("- a\n- b\n", 1, "expected a mapping with keys apiVersion, kind, metadata, spec, got a list"),
+        ("just a string\n", 1, "expected a mapping with keys apiVersion, kind, metadata, spec, got the string 'just a string'"),
+        ("42\n", 1, "got the integer 42"),
+        ("apiVersion: hostagent.io/v1\napiVersion: hostagent.io/v1\nkind: EgressPolicy\nmetadata: {name: a}\nspec: {selector: {cgroupPath: /a}}\n", 2, "apiVersion: duplicate key"),
+    ],
+)
+def test_reject_documents(text, line, message):
+    errors = errors_of(text)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{PATH}:{line}: "), errors
+    assert message in errors[0], errors
+
+
+def test_alias_bomb_is_refused_quickly():
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{chr(c)}: &{chr(c)} [*{chr(c - 1)},*{chr(c - 1)},*{chr(c - 1)},*{chr(c - 1)},*{chr(c - 1)}]\n"
+        for c in range(ord("b"), ord("k"))
+    )
+    [error] = errors_of(bomb)
+    assert "anchors and aliases" in error
+
+
+def test_all_errors_in_a_document_are_reported():
+    text = (
+        BASE.replace("mode: enforce", "mode: audited")
+        .replace("port: 443,", "port: 0,")
+        .replace("cidr: 10.20.0.0/16", "cidr: 10.20.0.1/16")
+        .replace("endPort: 8100", "endPort: 1")
+    )
+    errors = errors_of(text)
+    assert [e.split(": ")[0] for e in errors] == [f"{PATH}:8", f"{PATH}:13", f"{PATH}:16", f"{PATH}:17"]
+
+
+def test_errors_across_documents_and_after_syntax_error():
+    text = policy_doc("a", "/a", "  mode: x\n") + "---\n" + policy_doc("b", "/b", "  mode: y\n") + "---\n[\n"
+    errors = errors_of(text)
+    assert len(errors) == 3
+    assert errors[0].startswith(f"{PATH}:8: spec.mode: 'x'")
+    assert errors[1].startswith(f"{PATH}:17: spec.mode: 'y'")
+    assert errors[2].startswith(f"{PATH}:20: invalid YAML")
+
+
+def test_wrong_api_version_stops_at_header():
+    # Another version may have another schema: do not drown the real error in unknown keys.
+    text = "apiVersion: hostagent.io/v2\nkind: EgressPolicy\nmetadata: {name: a}\nspec: {newThing: 1}\n"
+    assert errors_of(text) == [f"{PATH}:1: apiVersion: 'hostagent.io/v2' is not supported (expected hostagent.io/v1)"]
+
+
+def test_policy_errors_is_a_policy_error():
+    with pytest.raises(PolicyError) as info:
+        load_policy_text("[", "x.yaml")
+    assert isinstance(info.value, HostAgentError)
+    assert isinstance(info.value, PolicyErrors)
+    [error] = info.value.errors
+    assert (error.path, error.line) == ("x.yaml", 1)
+
+
+def test_text_size_limit(monkeypatch):
+    monkeypatch.setattr(load_module, "MAX_FILE_BYTES", 100)
+    assert errors_of("#" * 101) == [f"{PATH}: file is larger than 100 bytes"]
+    assert load_policy_text("#" * 100) == []
+
+
+# --- cross-policy checks --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "a, b, message",
+    [
+        ("/workloads/agent-a", "workloads/agent-a/", "have equal specificity (2, 16) and both select '/workloads/agent-a'"),
+        ("/w/*", "/*/b", "have equal specificity (1, 1) and both select '/w/b' (patterns '/w/*' and '/*/b')"),
+        ("/a/**", "/**/a", "have equal specificity (1, 1) and both select '/a'"),
+        ("/x*y", "/xy*", "have equal specificity (0, 2) and both select '/xy'"),
+        ("/x*y", "/*yx*", "both select '/xyxy'"),
+    ],
+)
+def test_equal_specificity_overlap_rejected(a, b, message):
+    text = policy_doc("p1", a) + "---\n" + policy_doc("p2", b)
+    [error] = errors_of(text)
+    assert error.startswith(f"{PATH}:15: spec.selector.cgroupPath: policies 'p1' ({PATH}:7) and 'p2' "), error
+    assert message in error
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("/workloads/agent-a", "/workloads/agent-b"),  # same specificity, disjoint
+        ("/workloads/*", "/workloads/agent-a"),  # overlap, but one is more specific
+        ("/**", "/workloads/**"),
+        ("/a/*", "/b/*"),
+        ("/x*y", "/*z"),
+        ("/*", "/*/*"),
+        ("/*/x", "/x/*/*"),
+    ],
+)
+def test_distinguishable_selectors_accepted(a, b):
+    policies = load_policy_text(policy_doc("p1", a) + "---\n" + policy_doc("p2", b))
+    assert len(policies) == 2
+
+
+def test_duplicate_name_in_text():
+    text = policy_doc("p", "/a") + "---\n" + policy_doc("p", "/b")
+    assert errors_of(text) == [f"{PATH}:12: metadata.name: policy name 'p' is already used at {PATH}:4"]
+
+
+# --- files and directories ------------------------------------------------------------------
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def test_load_dir_fixture():
+    policies = load_policy_dir(DATA / "valid")
+    assert [p.name for p in policies] == ["batch", "web", "web-admin"]
+    batch, web, admin = policies
+    assert batch.path == os.path.join(str(DATA / "valid"), "batch.yml")
+    assert batch.selector.cgroup_path == "/system.slice/batch-*.service"
+    assert batch.egress[0].ports == (PortRange(5000, 5010, Protocol.UDP),)
+    assert batch.egress[0].any_destination
+    assert web.egress[0].name == "egress[0]"
+    assert admin.mode is Mode.AUDIT and admin.allow_raw_sockets
+    assert admin.line == 15
+
+
+def test_load_dir_fixture_errors():
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(DATA / "invalid")
+    a, b = (str(DATA / "invalid" / n) for n in ("a.yaml", "b.yaml"))
+    assert [str(e) for e in info.value.errors] == [
+        f"{a}:10: spec.egress[0].to[0].cidr: '10.20.0.1/16' has host bits set (expected the network address, 10.20.0.0/16)",
+        f"{a}:12: spec.egress[0].ports[0].port: 70000 is not a port number (1-65535)",
+        f"{b}:8: spec.mode: 'block' is not a mode (expected enforce or audit)",
+        f"{b}:13: metadata.name: policy name 'agent-b' is already used at {b}:4",
+    ]
+
+
+def test_default_policy_dir_loads():
+    policies = load_policy_dir(REPO / "policies")
+    assert len(policies) >= 1
+    demo = policies[0]
+    assert demo.selector.cgroup_path.startswith("/hostagent-demo")
+    # The bundled example must show every feature users copy from.
+    ports = [r for rule in demo.egress for r in rule.ports]
+    assert any(p.protocols is Protocol.ANY for p in ports)
+    assert any(p.first != p.last for p in ports)
+    networks = [peer.network for rule in demo.egress for peer in rule.to]
+    assert {n.version for n in networks} == {4, 6}
+
+
+def test_empty_dir(tmp_path):
+    assert load_policy_dir(tmp_path) == []
+
+
+def test_missing_dir(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(missing)
+    assert str(info.value) == f"{missing}: policy directory does not exist"
+
+
+def test_dir_is_a_file(tmp_path):
+    path = write(tmp_path, "x.yaml", "")
+    with pytest.raises(PolicyError, match="is not a directory"):
+        load_policy_dir(path)
+
+
+def test_dir_selection(tmp_path):
+    write(tmp_path, "a.yaml", policy_doc("a", "/a"))
+    write(tmp_path, "b.yml", policy_doc("b", "/b"))
+    write(tmp_path, "c.json", "{not yaml")
+    write(tmp_path, "d.yaml.bak", "{not yaml")
+    write(tmp_path, ".e.yaml", "{not yaml")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub", "f.yaml", "{not yaml")
+    # Kubernetes ConfigMap mounts: a.yaml -> ..data/a.yaml with ..data a symlinked directory.
+    (tmp_path / "..2024").mkdir()
+    write(tmp_path / "..2024", "g.yaml", policy_doc("g", "/g"))
+    (tmp_path / "..data").symlink_to("..2024")
+    (tmp_path / "g.yaml").symlink_to("..data/g.yaml")
+    assert [p.name for p in load_policy_dir(tmp_path)] == ["a", "b", "g"]
+
+
+def test_dir_non_regular_policy_file(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "broken.yaml").symlink_to("missing")
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(tmp_path)
+    messages = [str(e) for e in info.value.errors]
+    assert messages == [
+        f"{tmp_path / 'broken.yaml'}: cannot read policy file: No such file or directory",
+        f"{tmp_path / 'dir.yaml'}: not a regular file",
+    ]
+
+
+def test_dir_collects_errors_from_all_files(tmp_path):
+    write(tmp_path, "a.yaml", policy_doc("a", "/a", "  mode: x\n"))
+    write(tmp_path, "b.yaml", "[")
+    write(tmp_path, "c.yaml", policy_doc("c", "/c", "  allowRawSockets: 1\n"))
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(tmp_path)
+    assert [e.path for e in info.value.errors] == [str(tmp_path / n) for n in ("a.yaml", "b.yaml", "c.yaml")]
+
+
+def test_duplicate_name_across_files_names_both(tmp_path):
+    write(tmp_path, "a.yaml", policy_doc("same", "/a"))
+    write(tmp_path, "b.yaml", "# comment\n" + policy_doc("same", "/b"))
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'b.yaml'}:5: metadata.name: policy name 'same' is already used at {tmp_path / 'a.yaml'}:4"
+    )
+
+
+def test_duplicate_name_reported_even_if_the_first_is_invalid(tmp_path):
+    write(tmp_path, "a.yaml", policy_doc("same", "/a", "  mode: x\n"))
+    write(tmp_path, "b.yaml", policy_doc("same", "/b"))
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(tmp_path)
+    assert len(info.value.errors) == 2
+    assert "already used at" in str(info.value.errors[1])
+
+
+def test_overlap_across_files(tmp_path):
+    write(tmp_path, "a.yaml", policy_doc("a", "/w/*"))
+    write(tmp_path, "b.yaml", policy_doc("b", "/*/x"))
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_dir(tmp_path)
+    [error] = info.value.errors
+    assert str(error).startswith(
+        f"{tmp_path / 'b.yaml'}:7: spec.selector.cgroupPath: policies 'a' ({tmp_path / 'a.yaml'}:7) and 'b' "
+        "have equal specificity (1, 1) and both select '/w/x'"
+    )
+
+
+def test_load_policy_file(tmp_path):
+    path = write(tmp_path, "a.yaml", BASE)
+    [policy] = load_policy_file(path)
+    assert policy.path == str(path)
+    with pytest.raises(PolicyErrors, match="cannot read policy file"):
+        load_policy_file(tmp_path / "missing.yaml")
+
+
+def test_file_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(load_module, "MAX_FILE_BYTES", 1024 * 1024)
+    path = write(tmp_path, "big.yaml", "#" * (1024 * 1024 + 1))
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_file(path)
+    assert str(info.value) == f"{path}: file is larger than 1 MiB"
+    with pytest.raises(PolicyErrors):
+        load_policy_dir(tmp_path)
+
+
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_bytes(b"a: 1\nb: \xff\n")
+    with pytest.raises(PolicyErrors) as info:
+        load_policy_file(path)
+    assert str(info.value) == f"{path}:2: invalid UTF-8 at byte 8"
+
+
+def test_utf8_bom_accepted(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert len(load_policy_file(path)) == 1
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _load_or_policy_error(text: str) -> None:
+    try:
+        policies = load_policy_text(text, "fuzz.yaml")
+    except PolicyErrors as err:
+        assert err.errors
+        for e in err.errors:
+            assert isinstance(e, PolicyError)
+            assert str(e).startswith("fuzz.yaml")
+    else:
+        assert all(isinstance(p, Policy) for p in policies)
+
+
+@FUZZ
+@given(st.text())
+def test_fuzz_arbitrary_text(text):
+    _load_or_policy_error(text)
+
+
+@FUZZ
+@given(st.text(alphabet="[]{}:,-?*&!|>'\"#%@`\n\t abc01/.~"))
+def test_fuzz_yaml_punctuation(text):
+    _load_or_policy_error(text)
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["enforce", "audit", "TCP", "UDP", "ANY", "10.0.0.0/8", "::/0", "/a/*", "**", "hostagent.io/v1", "EgressPolicy"]),
+)
+keys = st.sampled_from(
+    ["apiVersion", "kind", "metadata", "spec", "name", "selector", "cgroupPath", "mode", "allowRawSockets",
+     "egress", "to", "ports", "cidr", "port", "endPort", "protocol", "other"]
+)
+structures = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys | st.text(max_size=5), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(structures)
+def test_fuzz_arbitrary_structures(value):
+    _load_or_policy_error(yaml.safe_dump(value))
+
+
+def _mutate(doc: object, draw, depth: int = 0) -> object:
+    """Replace or keep each subtree of a valid policy, so most of the document stays well-formed."""
+    if draw(st.integers(0, 5)) == 0:
+        return draw(structures)
+    if isinstance(doc, dict):
+        return {k: _mutate(v, draw, depth + 1) for k, v in doc.items() if draw(st.integers(0, 9))}
+    if isinstance(doc, list):
+        return [_mutate(v, draw, depth + 1) for v in doc]
+    return doc
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_mutated_policies(data):
+    base = yaml.safe_load(BASE)
+    _load_or_policy_error(yaml.safe_dump(_mutate(base, data.draw)))

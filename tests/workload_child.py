@@ -1,0 +1,180 @@
+"""A test workload: joins a network namespace and a cgroup, then does what the test asks.
+
+Run as `python workload_child.py CGROUP_DIR|- NETNS|-`; reads one JSON command per line on
+stdin and answers one JSON line: {"ok": true, ...} or {"errno": "EPERM"}. Kept free of
+hostagent imports: it is the thing being judged, not part of the agent.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+
+CLONE_NEWNET = 0x40000000
+MSG_FASTOPEN = 0x20000000
+
+
+def setns(name):
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+    os.close(fd)
+
+
+def join_cgroup(path):
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+class Listeners:
+    def __init__(self):
+        self.accepted = {}
+        self.received = {}
+        self.socks = []
+
+    def tcp(self, host, port):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(512)
+        key = f"tcp:{host}:{s.getsockname()[1]}"
+        self.accepted[key] = 0
+
+        def loop():
+            while True:
+                try:
+                    c, _ = s.accept()
+                except OSError:
+                    return
+                self.accepted[key] += 1
+                c.close()
+
+        threading.Thread(target=loop, daemon=True).start()
+        self.socks.append(s)
+        return s.getsockname()[1]
+
+    def udp(self, host, port):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((host, port))
+        key = f"udp:{host}:{s.getsockname()[1]}"
+        self.received[key] = 0
+
+        def loop():
+            while True:
+                try:
+                    s.recv(2048)
+                except OSError:
+                    return
+                self.received[key] += 1
+
+        threading.Thread(target=loop, daemon=True).start()
+        self.socks.append(s)
+        return s.getsockname()[1]
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def run(cmd, listeners):
+    op = cmd["op"]
+    if op == "connect":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_STREAM)
+        s.settimeout(cmd.get("timeout", 5))
+        try:
+            s.connect((cmd["host"], cmd["port"]))
+        finally:
+            s.close()
+        return {}
+    if op == "connect_many":
+        results = {}
+        for _ in range(cmd["count"]):
+            s = socket.socket(family(cmd["host"]), socket.SOCK_STREAM)
+            s.settimeout(5)
+            try:
+                s.connect((cmd["host"], cmd["port"]))
+                r = "ok"
+            except OSError as e:
+                r = errno.errorcode.get(e.errno, str(e.errno))
+            finally:
+                s.close()
+            results[r] = results.get(r, 0) + 1
+        return {"results": results}
+    if op == "fastopen":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_STREAM)
+        try:
+            s.sendto(b"x", MSG_FASTOPEN, (cmd["host"], cmd["port"]))
+        finally:
+            s.close()
+        return {}
+    if op == "udp_sendto":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"probe", (cmd["host"], cmd["port"]))
+        finally:
+            s.close()
+        return {}
+    if op == "udp_connect_send":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_DGRAM)
+        try:
+            s.connect((cmd["host"], cmd["port"]))
+            s.send(b"probe")
+        finally:
+            s.close()
+        return {}
+    if op == "raw_socket":
+        kinds = {"raw_icmp": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+                 "raw_tcp": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP),
+                 "raw6_icmp": (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
+                 "ping": (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)}
+        s = socket.socket(*kinds[cmd["kind"]])
+        s.close()
+        return {}
+    if op == "raw_send":
+        # a hand-made ICMP echo through a raw socket: what a tunnel would do
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        try:
+            s.sendto(b"\x08\x00\xf7\xff\x00\x00\x00\x00", (cmd["host"], 0))
+        finally:
+            s.close()
+        return {}
+    if op == "mkdir_join":
+        os.makedirs(cmd["path"], exist_ok=True)
+        join_cgroup(cmd["path"])
+        return {}
+    if op == "listen_tcp":
+        return {"port": listeners.tcp(cmd["host"], cmd.get("port", 0))}
+    if op == "listen_udp":
+        return {"port": listeners.udp(cmd["host"], cmd.get("port", 0))}
+    if op == "counts":
+        return {"accepted": listeners.accepted, "received": listeners.received}
+    if op == "pid":
+        return {"pid": os.getpid()}
+    raise ValueError(f"unknown op {op}")
+
+
+def main():
+    cgroup, netns = sys.argv[1], sys.argv[2]
+    if netns != "-":
+        setns(netns)
+    if cgroup != "-":
+        join_cgroup(cgroup)
+    listeners = Listeners()
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            reply = {"ok": True, **run(cmd, listeners)}
+        except OSError as e:
+            reply = {"ok": False, "errno": errno.errorcode.get(e.errno, str(e.errno))}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
