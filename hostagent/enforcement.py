@@ -108,7 +108,7 @@ class Enforcement:
         used_portsets = set()
         for key, value in self._t["portsets"].items_lookup_batch():
             if value.count:
-                used_portsets.add(key.value)
+                used_portsets.add(int(getattr(key, "value", key)))
         self._adopted_portsets = used_portsets
         self._next_portset = max(used_portsets | {0}) + 1
         self.adopted = bool(self._bindings)

@@ -102,7 +102,10 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited ({self.proc.returncode}):\n{self.log()}")
             return text in self.log()[after:]
-        wait_for(seen, timeout, f"agent log line {text!r}")
+        try:
+            wait_for(seen, timeout, f"agent log line {text!r}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; agent log ends:\n{self.log()[-3000:]}") from None
 
     def wait_generation(self, generation: int, timeout: float = 15) -> None:
         self.wait_log(f"policy generation {generation} in force", timeout)
