@@ -30,6 +30,7 @@ import yaml
 from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from hostagent import converters
 from hostagent.errors import PolicyError
 from hostagent.policy.model import CIDRPeer, EgressRule, Mode, Policy, PortRange, Protocol, Selector
 from hostagent.policy.selector import normalize_cgroup_pattern, overlap_example, specificity
@@ -58,7 +59,6 @@ MAX_DEPTH = 32
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _NAME_MAX = 253
 _DECIMAL_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
-_PREFIX_RE = re.compile(r"[0-9]{1,3}")
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _BOOL, _NULL, _MAP, _SEQ = (_TAG + t for t in ("str", "int", "bool", "null", "map", "seq"))
@@ -138,23 +138,9 @@ def load_policy_dir(path: str | os.PathLike[str]) -> list[Policy]:
 
 
 def cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """Converter: "10.0.0.0/8", "2001:db8::/32" or a bare address (/32, /128); host bits set,
-    netmask notation and IPv6 zones are errors. Raises ValueError starting with repr(value)."""
-    address, slash, prefix = value.partition("/")
-    expected = "expected a CIDR such as 10.0.0.0/8 or 2001:db8::/32, or a bare address"
-    if slash and not _PREFIX_RE.fullmatch(prefix):
-        raise ValueError(f"{value!r} is not a CIDR ({expected})")
-    if "%" in address:
-        raise ValueError(f"{value!r}: IPv6 zone indexes are not allowed")
-    try:
-        return ipaddress.ip_network(value, strict=True)
-    except ValueError:
-        pass
-    try:
-        loose = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 or IPv6 CIDR ({expected})") from None
-    raise ValueError(f"{value!r} has host bits set (expected the network address, {loose})")
+    """Converter for ``cidr:`` peers: the node config's strict CIDR converter, shared so that a
+    policy and the node config can never disagree about what an address means."""
+    return converters.cidr(value)
 
 
 # --- files and YAML -------------------------------------------------------------------------
