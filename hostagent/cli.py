@@ -27,11 +27,18 @@ def _config(args, **overrides):
                        flag_names=FLAGS)
 
 
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else path
+
+
 def cmd_run(args) -> int:
     from hostagent.daemon import Agent
 
-    cfg = _config(args, **{"policyDir": args.policy_dir, "metrics.listen": args.metrics_listen,
-                           "eventLog": args.event_log})
+    # paths on the command line are relative to where the user stands, as with any tool
+    cfg = _config(args, **{"policyDir": _abs(args.policy_dir),
+                           "metrics.listen": args.metrics_listen,
+                           "eventLog": args.event_log if args.event_log in (None, "", "-")
+                           else _abs(args.event_log)})
     logging.getLogger().setLevel(cfg.log_level.upper())
     return Agent(cfg).run()
 

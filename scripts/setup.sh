@@ -23,7 +23,9 @@ arch=$(dpkg --print-architecture)
 want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv)
 kver=$(uname -r)
 have_headers() {
-  [ -e "/lib/modules/$kver/build/include/uapi/linux/bpf.h" ] || [ -e /sys/kernel/kheaders.tar.xz ]
+  local m="/lib/modules/$kver"
+  [ -e /sys/kernel/kheaders.tar.xz ] || [ -e "$m/build/include/uapi/linux/bpf.h" ] ||
+    { [ -e "$m/build/Makefile" ] && [ -e "$m/source/include/uapi/linux/bpf.h" ]; }
 }
 have_headers || want+=("linux-headers-$arch")
 
