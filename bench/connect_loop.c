@@ -320,7 +320,7 @@ int main(int argc, char **argv)
 			usage();
 		return cmd_probe(listener, &dst, (int)number(argv[i + 2], 1, 600000));
 	}
-	if (strcmp(argv[i], "watch") == 0 && argc - i == 6) {
+	if (strcmp(argv[i], "watch") == 0 && argc - i == 5) {
 		enum probe_result want;
 
 		if (inet_pton(AF_INET, argv[i + 1], &dst.sin_addr) != 1)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +101,3 @@ class Watch:
             self._proc.kill()
             self._proc.wait()
 
-
-def monotonic_ns() -> int:
-    return time.monotonic_ns()
-
-
-def nproc() -> int:
-    return len(os.sched_getaffinity(0))

@@ -1,0 +1,433 @@
+"""Benchmark: what hostagent adds to connect(), next to nftables and to nothing, in one run.
+
+    python -m bench.run            # full run (~5-10 min), rewrites docs/benchmarks.md
+    python -m bench.run --quick    # smoke run (< 1 min, smaller rule sets), prints the tables
+
+Every variant is a (cgroup, network namespace) pair in which bench/connect_loop.c times
+socket() + connect() + accept() + close() cycles to its own 127.0.0.1 listener:
+
+    baseline     cgroup under a root with nothing attached, namespace without nft rules
+    control      the same again in another cgroup and namespace (A/A: shows the noise floor)
+    agent-N      cgroup below the agent's cgroupRoot, bound to a policy of N CIDRs
+    nft-N        cgroup judged by an nft output chain, `socket cgroupv2` + a set of N CIDRs
+
+The three agent policies live side by side in one agent (one LPM trie, as in production), and
+each nft table lives in its own namespace (an nft hook sees every packet of its namespace, so a
+table in a shared one would tax the baseline too). Samples are interleaved: each round runs every
+variant once, in a fresh random order. Results are differences from the baseline of the same
+run, never absolute times. Then, outside the timed rounds: per-program kernel self-time
+(kernel.bpf_stats_enabled), agent start to enforcing, and 100k-rule policy reloads.
+
+Everything created (cgroups, bpffs pins, namespaces, nft tables, the agent) is removed on the
+way out, failure and Ctrl-C included; see bench/env.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import report, rules, workload
+from bench.env import (AgentFiles, BenchError, Cleanup, attached_programs, bpf_stats_enabled,
+                       cgroup_level, load_nft_table, make_cgroup, make_netns, nft_cgroup_path,
+                       prog_stats, run_cmd, start_agent, write_agent_config)
+from bench.workload import Place, Watch
+from hostagent import __version__ as hostagent_version
+from hostagent.cgroupfs import cgroup2_mount
+
+log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+DOCS = REPO / "docs" / "benchmarks.md"
+
+# Control-plane timeouts: generous multiples of what was seen, so a hang fails the run.
+AGENT_START_TIMEOUT = 300.0  # s; 110k rules took ~20 s to parse and compile on a busy 2-CPU VM
+RELOAD_TIMEOUT = 300.0       # s; same work as a start, minus the BPF compile
+MIN_ROUNDS = 5               # the time budget never cuts a run below this many rounds
+
+
+@dataclass(frozen=True)
+class Settings:
+    sizes: tuple[int, ...]   # rule counts, smallest first; the largest gets the reload tests
+    rounds: int              # interleaved rounds (each runs every variant once)
+    count: int               # timed connects per sample
+    warmup: int              # untimed connects before them
+    stats_rounds: int        # samples per agent variant with kernel.bpf_stats_enabled
+    reloads: int             # reloads of the largest policy, per kind (replace, edit)
+    budget_s: float          # stop starting rounds after this long (bounded run time)
+
+
+FULL = Settings(sizes=(10, 10_000, 100_000), rounds=30, count=20_000, warmup=1_000,
+                stats_rounds=3, reloads=2, budget_s=360.0)
+QUICK = Settings(sizes=(10, 1_000, 10_000), rounds=3, count=2_000, warmup=200,
+                 stats_rounds=1, reloads=1, budget_s=20.0)
+
+TARGETS = {
+    "agent_added_ns_at_largest": 250.0,
+    "agent_over_nft_ratio": 0.5,
+    "reload_s": 1.0,
+    "start_s": 3.0,
+}
+
+
+def label(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str          # baseline | control | agent | nft
+    rules: int
+    place: Place
+    denied_probe: str  # what a connect to rules.DENIED must give: proof the enforcer is on
+    what: str
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 10/1k/10k rules, 3 rounds of 2k connects; docs untouched")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 30, quick 3)")
+    p.add_argument("--count", type=int, help="timed connects per sample (default 20000)")
+    p.add_argument("--cpu", type=int, help="pin every workload to this CPU")
+    p.add_argument("--docs", type=Path, help=f"markdown to update (default: {DOCS} for a full "
+                   "run, none for --quick)")
+    p.add_argument("--no-docs", action="store_true", help="do not write any markdown")
+    p.add_argument("--seed", type=int, default=1, help="seed of the rule sets and the order")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if os.geteuid() != 0:
+        log.error("the benchmark loads BPF programs and nft tables: run it as root")
+        return 1
+
+    settings = QUICK if args.quick else FULL
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("count", args.count)) if v}
+    settings = dataclasses.replace(settings, **overrides)
+    docs = None if args.no_docs else (args.docs or (None if args.quick else DOCS))
+
+    # SIGTERM must unwind through the finally blocks like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    workload.build()
+    started = time.monotonic()
+    results = {
+        "command": " ".join(["python -m bench.run", *map(shlex.quote, sys.argv[1:] if argv is None
+                                                         else argv)]),
+        "settings": dataclasses.asdict(settings),
+        "targets": TARGETS,
+        "seed": args.seed,
+        "host": host_facts(),
+    }
+    try:
+        measure(settings, args.cpu, args.seed, results)
+    except BenchError as err:
+        log.error("%s", err)
+        return 1
+    results["duration_s"] = time.monotonic() - started
+    results["evaluation"] = report.evaluate(results)
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    raw = RESULTS_DIR / f"{stamp}{'-quick' if args.quick else ''}.json"
+    raw.write_text(json.dumps(results, indent=1))
+    text = report.render(results, raw.relative_to(REPO))
+    if docs is not None:
+        report.update_docs(docs, text)
+        log.info("wrote %s", docs)
+    else:
+        print(text)
+    log.info("raw results: %s (%.0f s in all)", raw, results["duration_s"])
+    return 0
+
+
+def _raise_exit(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def host_facts() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    nft = run_cmd(["nft", "--version"]).stdout.strip()
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "hostagent": hostagent_version,
+        "nft": nft,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
+    run_id = f"{os.getpid():x}{random.randrange(16 ** 4):04x}"
+    name = f"hostagent-bench-{run_id}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    largest = max(s.sizes)
+    with Cleanup() as stack:
+        stack.defer(f"rm -r {tmp}", _rmtree, tmp)
+        mount = cgroup2_mount()
+        root = make_cgroup(stack, os.path.join(mount, name))
+        agent_root = make_cgroup(stack, os.path.join(root, "agent"))
+        plain = make_cgroup(stack, os.path.join(root, "plain"))
+        plain_ns = make_netns(stack, name)
+        log.info("run %s: cgroups under %s, namespaces %s*", run_id, root, name)
+
+        variants = [Variant("baseline", "baseline", 0,
+                            Place(make_cgroup(stack, os.path.join(plain, "base")), plain_ns, cpu),
+                            "allowed", "nothing attached, no nft rules"),
+                    Variant("control", "control", 0,
+                            Place(make_cgroup(stack, os.path.join(plain, "control")),
+                                  make_netns(stack, f"{name}-ctl"), cpu),
+                            "allowed", "the baseline again, in its own cgroup and namespace: "
+                            "an A/A check, its \"added\" cost is the noise floor")]
+        nft_load = {}
+        for n in s.sizes:
+            cg = make_cgroup(stack, os.path.join(agent_root, f"w{label(n)}"))
+            variants.append(Variant(f"agent-{label(n)}", "agent", n, Place(cg, plain_ns, cpu),
+                                    "eperm", f"hostagent policy of {n} CIDRs (enforce)"))
+        for n in s.sizes:
+            cg = make_cgroup(stack, os.path.join(plain, f"nft-{label(n)}"))
+            ns = make_netns(stack, f"{name}-n{label(n)}")
+            table = f"hostagent_bench_{run_id}"
+            text = rules.nft_ruleset(table, cgroup_level(cg, mount), nft_cgroup_path(cg),
+                                     rules.allowlist(n, seed=seed * 1000 + n))
+            nft_load[label(n)] = load_nft_table(stack, ns, table, text, tmp / f"nft-{n}.nft")
+            variants.append(Variant(f"nft-{label(n)}", "nft", n, Place(cg, ns, cpu), "timeout",
+                                    f"nft inet output chain, `socket cgroupv2` + interval set "
+                                    f"of {n} CIDRs"))
+        results["nft_load_s"] = nft_load
+
+        files = AgentFiles(config=tmp / "hostagent.yaml", policy_dir=tmp / "policies",
+                           state_dir=tmp / "state", bpffs_dir=f"/sys/fs/bpf/{name}",
+                           cgroup_root=agent_root, log=tmp / "agent.log")
+        total_rules = sum(s.sizes)
+        # room for every policy plus a second copy of the largest during its swap
+        write_agent_config(files, max_rules=max(262144, 2 * total_rules))
+        current = {}
+        for v in variants:
+            if v.kind == "agent":
+                cidrs = rules.allowlist(v.rules, seed=seed * 1000 + v.rules)
+                os.replace(*_stage_policy(files, v, cidrs))
+                current[v.name] = cidrs
+        try:
+            agent = _start(stack, files, variants, largest, results)
+            results["variants"] = [{"name": v.name, "kind": v.kind, "rules": v.rules,
+                                    "cgroup": v.place.cgroup, "netns": v.place.netns,
+                                    "what": v.what} for v in variants]
+            _check_verdicts(variants)
+            results["samples"] = _rounds(s, variants, seed)
+            results["self_time"] = _self_time(s, files, variants)
+            big = next(v for v in variants if v.kind == "agent" and v.rules == largest)
+            results["reloads"] = _reloads(s, files, agent, big, current[big.name], seed)
+            results["agent_log_tail"] = agent.tail(40)
+        finally:
+            _keep_log(files.log)
+    if stack.failures:
+        raise BenchError("cleanup failed: " + "; ".join(stack.failures))
+    results["loadavg_end"] = os.getloadavg()
+
+
+def _rmtree(path: Path) -> None:
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+def _keep_log(path: Path) -> None:
+    if path.exists():
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / "agent-last.log").write_text(path.read_text())
+
+
+def _stage_policy(files: AgentFiles, v: Variant, cidrs: list[str]) -> tuple[Path, Path]:
+    """Write v's policy beside its final name; (staged, final). Renaming one onto the other is
+    atomic for the agent's directory poll, which ignores dotfiles."""
+    final = files.policy_dir / f"bench-{v.name}.yaml"
+    staged = final.with_name("." + final.name + ".tmp")
+    rel = "/" + os.path.relpath(v.place.cgroup, files.cgroup_root)
+    staged.write_text(rules.policy_yaml(f"bench-{v.name}", rel, cidrs))
+    return staged, final
+
+
+# -- start ---------------------------------------------------------------------------------------
+
+def _start(stack: Cleanup, files: AgentFiles, variants: list[Variant], largest: int,
+           results: dict):
+    """Start the agent and time start -> enforcing three ways: until a probe loop in the
+    largest policy's cgroup is refused, until the "enforcing" log line, and the agent's own
+    figure (which starts its clock after reading the policies)."""
+    big = next(v for v in variants if v.kind == "agent" and v.rules == largest)
+    watch = Watch(big.place, rules.DENIED, "eperm", timeout_s=AGENT_START_TIMEOUT)
+    try:
+        t0 = time.monotonic_ns()
+        agent = start_agent(stack, files)
+        log.info("agent pid %d starting with %d rules in %d policies", agent.pid,
+                 sum(v.rules for v in variants if v.kind == "agent"),
+                 sum(v.kind == "agent" for v in variants))
+        i, m = agent.wait_for(r"enforcing \(generation (\d+)\) in ([0-9.]+)s", 0,
+                              AGENT_START_TIMEOUT)
+        seen = watch.result()
+    finally:
+        watch.close()
+    compiled = _first(agent, r"programs compiled and loaded in ([0-9.]+)s")
+    results["start"] = {
+        "rules": sum(v.rules for v in variants if v.kind == "agent"),
+        "probe_refused_s": (seen[0] - t0) / 1e9 if seen else None,
+        "log_enforcing_s": (agent.lines[i].t_ns - t0) / 1e9,
+        "agent_reported_s": float(m.group(2)),
+        "bpf_compile_s": float(compiled) if compiled else None,
+    }
+    log.info("enforcing after %.2f s (refused by probe after %s s)",
+             results["start"]["log_enforcing_s"],
+             f"{results['start']['probe_refused_s']:.2f}" if seen else "never")
+    results["attached"] = attached_programs(files.config)
+    return agent
+
+
+def _first(agent, pattern: str) -> str | None:
+    rx = re.compile(pattern)
+    for line in agent.lines:
+        m = rx.search(line.text)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _check_verdicts(variants: list[Variant]) -> None:
+    """Every enforcer must be on, and must let the measured connects through."""
+    for v in variants:
+        allowed = workload.probe(v.place, rules.ALLOWED)
+        denied = workload.probe(v.place, rules.DENIED)
+        if allowed != "allowed" or denied != v.denied_probe:
+            raise BenchError(f"{v.name}: {rules.ALLOWED} gave {allowed} (want allowed), "
+                             f"{rules.DENIED} gave {denied} (want {v.denied_probe})")
+    log.info("verdicts check out: the baseline allows %s, agent-* refuse it (EPERM), nft-* "
+             "drop it", rules.DENIED)
+
+
+# -- timed rounds --------------------------------------------------------------------------------
+
+def _rounds(s: Settings, variants: list[Variant], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    deadline = time.monotonic() + s.budget_s
+    samples = []
+    for r in range(s.rounds):
+        if r >= min(MIN_ROUNDS, s.rounds) and time.monotonic() > deadline:
+            log.warning("time budget of %.0f s spent: stopping after %d rounds", s.budget_s, r)
+            break
+        order = list(variants)
+        rng.shuffle(order)
+        for pos, v in enumerate(order):
+            got = workload.sample(v.place, s.count, s.warmup)
+            samples.append({"round": r, "position": pos, "variant": v.name, **got})
+        by = {x["variant"]: x["ns_per_cycle"] for x in samples if x["round"] == r}
+        log.info("round %d/%d: %s", r + 1, s.rounds,
+                 "  ".join(f"{v.name} {by[v.name] / 1000:.2f}" for v in variants) + "  (µs)")
+    return samples
+
+
+# -- kernel self-time ----------------------------------------------------------------------------
+
+def _self_time(s: Settings, files: AgentFiles, variants: list[Variant]) -> list[dict]:
+    """Per-program run counts and run time per connect cycle, from bpf stats deltas around one
+    sample at a time (only the bench's workloads live below the agent's cgroupRoot)."""
+    progs = attached_programs(files.config)
+    agents = [v for v in variants if v.kind == "agent"]
+    rng = random.Random(2)
+    out = []
+    with bpf_stats_enabled():
+        for r in range(s.stats_rounds):
+            order = list(agents)
+            rng.shuffle(order)
+            for v in order:
+                before = prog_stats(progs)
+                got = workload.sample(v.place, s.count, s.warmup)
+                after = prog_stats(progs)
+                cycles = s.count + s.warmup
+                per_prog = {}
+                for prog in progs:
+                    runs = after[prog][0] - before[prog][0]
+                    ns = after[prog][1] - before[prog][1]
+                    per_prog[prog] = {"runs_per_cycle": runs / cycles,
+                                      "ns_per_run": ns / runs if runs else 0.0,
+                                      "ns_per_cycle": ns / cycles}
+                out.append({"round": r, "variant": v.name, "ns_per_cycle_with_stats":
+                            got["ns_per_cycle"], "programs": per_prog,
+                            "self_ns_per_cycle": sum(p["ns_per_cycle"]
+                                                     for p in per_prog.values())})
+    log.info("kernel self-time: %s", ", ".join(
+        f"{x['variant']} {x['self_ns_per_cycle']:.0f} ns" for x in out))
+    return out
+
+
+# -- reloads -------------------------------------------------------------------------------------
+
+def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[str],
+             seed: int) -> list[dict]:
+    """Change the largest policy and time until a connect to an address only the new policy
+    allows gets through (and until the agent logs the new generation). Two kinds of change:
+    replace (all new CIDRs) and edit (one CIDR swapped for another)."""
+    out = []
+    for k in range(2 * s.reloads):
+        kind = "replace" if k % 2 == 0 else "edit"
+        mark = rules.marker(k)
+        if kind == "replace":
+            new = rules.allowlist(big.rules, seed=seed * 1000 + 7 + k, extra=(mark,))
+        else:
+            new = cidrs[:-1] + [f"{mark}/32"]
+        staged, final = _stage_policy(files, big, new)
+        watch = Watch(big.place, mark, "allowed", timeout_s=RELOAD_TIMEOUT)
+        try:
+            idx = len(agent.lines)
+            t0 = time.monotonic_ns()
+            os.replace(staged, final)
+            agent.reload()
+            i, m = agent.wait_for(r"policy generation (\d+) in force|policy rejected", idx,
+                                  RELOAD_TIMEOUT)
+            if m.group(1) is None:
+                raise BenchError(f"the agent rejected the reloaded policy:\n{agent.tail()}")
+            seen = watch.result()
+        finally:
+            watch.close()
+        out.append({"kind": kind, "rules": big.rules, "generation": int(m.group(1)),
+                     "probe_allowed_s": (seen[0] - t0) / 1e9 if seen else None,
+                     "log_in_force_s": (agent.lines[i].t_ns - t0) / 1e9})
+        log.info("reload %d (%s %d rules): in force after %.2f s (log), %s s (probe)", k + 1,
+                 kind, big.rules, out[-1]["log_in_force_s"],
+                 f"{out[-1]['probe_allowed_s']:.2f}" if seen else "never")
+        cidrs = new
+        # Had the agent's 1 s directory poll seen the rename before the SIGHUP arrived (a window
+        # of microseconds), it reloads twice: wait for the second one so it cannot overlap the
+        # next measurement.
+        polled = [x for x in agent.lines[idx:i + 1] if "policy directory changed" in x.text]
+        if polled:
+            agent.wait_for(r"policy generation (\d+) in force|policy rejected", i + 1,
+                           RELOAD_TIMEOUT)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

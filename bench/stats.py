@@ -1,0 +1,78 @@
+"""Robust summaries of interleaved samples: medians, quartiles, paired bootstrap intervals.
+
+Rounds are the unit of resampling: within a round every variant ran once, close together in
+time, so noise that drifts over the run (other tenants, frequency changes) stays paired.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    median: float
+    p25: float
+    p75: float
+    minimum: float
+    maximum: float
+
+
+def summarize(xs: Sequence[float]) -> Summary:
+    if not xs:
+        raise ValueError("no samples")
+    if len(xs) == 1:
+        q1 = q3 = xs[0]
+    else:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return Summary(len(xs), statistics.median(xs), q1, q3, min(xs), max(xs))
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+
+
+def bootstrap(rounds: Sequence[Mapping[str, float]], stat: Callable[[Sequence[Mapping[str, float]]], float],
+              seed: int = 1) -> Interval:
+    """stat over the rounds, with a percentile interval from resampling whole rounds."""
+    estimate = stat(rounds)
+    if len(rounds) < 2:
+        return Interval(estimate, estimate, estimate)
+    rng = random.Random(seed)
+    draws = sorted(stat(rng.choices(rounds, k=len(rounds))) for _ in range(BOOTSTRAP_RESAMPLES))
+    tail = (1 - CONFIDENCE) / 2
+    lo = draws[int(tail * (len(draws) - 1))]
+    hi = draws[int((1 - tail) * (len(draws) - 1))]
+    return Interval(estimate, lo, hi)
+
+
+def added(variant: str, baseline: str) -> Callable[[Sequence[Mapping[str, float]]], float]:
+    """median(variant) - median(baseline) over a set of rounds."""
+    def stat(rounds):
+        return (statistics.median(r[variant] for r in rounds)
+                - statistics.median(r[baseline] for r in rounds))
+    return stat
+
+
+def ratio_of_added(num: str, den: str, baseline: str) -> Callable[[Sequence[Mapping[str, float]]], float]:
+    """(median(num) - median(base)) / (median(den) - median(base)); inf when den adds nothing."""
+    a, b = added(num, baseline), added(den, baseline)
+
+    def stat(rounds):
+        d = b(rounds)
+        return a(rounds) / d if d > 0 else float("inf")
+    return stat
+
+
+def paired_deltas(rounds: Sequence[Mapping[str, float]], variant: str, baseline: str) -> list[float]:
+    return [r[variant] - r[baseline] for r in rounds]
