@@ -59,6 +59,9 @@ DOCS = REPO / "docs" / "benchmarks.md"
 # Control-plane timeouts: generous multiples of what was seen, so a hang fails the run.
 AGENT_START_TIMEOUT = 300.0  # s; 110k rules took ~20 s to parse and compile on a busy 2-CPU VM
 RELOAD_TIMEOUT = 300.0       # s; same work as a start, minus the BPF compile
+RELOAD_SETTLE = 2.0          # s: two of the agent's policy-directory polls (see _reloads)
+WATCH_INTERVAL_US = 2000     # between probes while waiting for a change: ±2 ms resolution, and
+                             # few enough denied connects to keep the agent's event drain short
 MIN_ROUNDS = 5               # the time budget never cuts a run below this many rounds
 
 
@@ -73,8 +76,11 @@ class Settings:
     budget_s: float          # stop starting rounds after this long (bounded run time)
 
 
-FULL = Settings(sizes=(10, 10_000, 100_000), rounds=30, count=20_000, warmup=1_000,
-                stats_rounds=3, reloads=2, budget_s=360.0)
+# Short samples, many rounds: this machine's speed changes in spells of a few seconds (other
+# tenants), so a round (every variant once) must fit inside one spell for its differences to
+# cancel them; 5k cycles is ~0.2 s, a round ~2 s.
+FULL = Settings(sizes=(10, 10_000, 100_000), rounds=150, count=5_000, warmup=500,
+                stats_rounds=3, reloads=2, budget_s=300.0)
 QUICK = Settings(sizes=(10, 1_000, 10_000), rounds=3, count=2_000, warmup=200,
                  stats_rounds=1, reloads=1, budget_s=20.0)
 
@@ -106,16 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 10/1k/10k rules, 3 rounds of 2k connects; docs untouched")
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 30, quick 3)")
-    p.add_argument("--count", type=int, help="timed connects per sample (default 20000)")
+    p.add_argument("--rounds", type=int, help=f"interleaved rounds, at most (default "
+                   f"{FULL.rounds}, quick {QUICK.rounds}; also bounded by a time budget)")
+    p.add_argument("--count", type=int, help=f"timed connects per sample (default {FULL.count})")
     p.add_argument("--cpu", type=int, help="pin every workload to this CPU")
     p.add_argument("--docs", type=Path, help=f"markdown to update (default: {DOCS} for a full "
                    "run, none for --quick)")
     p.add_argument("--no-docs", action="store_true", help="do not write any markdown")
     p.add_argument("--seed", type=int, default=1, help="seed of the rule sets and the order")
+    p.add_argument("--from-results", type=Path, metavar="JSON",
+                   help="measure nothing: re-evaluate a raw results file and write its tables "
+                   "(to --docs, default docs/benchmarks.md)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.from_results:
+        results = json.loads(args.from_results.read_text())
+        results["evaluation"] = report.evaluate(results)
+        raw = args.from_results.resolve()
+        text = report.render(results, raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)
+        report.update_docs(args.docs or DOCS, text)
+        log.info("wrote %s from %s", args.docs or DOCS, raw)
+        return 0
     if os.geteuid() != 0:
         log.error("the benchmark loads BPF programs and nft tables: run it as root")
         return 1
@@ -209,7 +227,7 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
         for n in s.sizes:
             cg = make_cgroup(stack, os.path.join(agent_root, f"w{label(n)}"))
             variants.append(Variant(f"agent-{label(n)}", "agent", n, Place(cg, plain_ns, cpu),
-                                    "eperm", f"hostagent policy of {n} CIDRs (enforce)"))
+                                    "eperm", f"hostagent policy of {n:,} CIDRs (enforce mode)"))
         for n in s.sizes:
             cg = make_cgroup(stack, os.path.join(plain, f"nft-{label(n)}"))
             ns = make_netns(stack, f"{name}-n{label(n)}")
@@ -219,7 +237,7 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
             nft_load[label(n)] = load_nft_table(stack, ns, table, text, tmp / f"nft-{n}.nft")
             variants.append(Variant(f"nft-{label(n)}", "nft", n, Place(cg, ns, cpu), "timeout",
                                     f"nft inet output chain, `socket cgroupv2` + interval set "
-                                    f"of {n} CIDRs"))
+                                    f"of {n:,} CIDRs"))
         results["nft_load_s"] = nft_load
 
         files = AgentFiles(config=tmp / "hostagent.yaml", policy_dir=tmp / "policies",
@@ -227,7 +245,7 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
                            cgroup_root=agent_root, log=tmp / "agent.log")
         total_rules = sum(s.sizes)
         # room for every policy plus a second copy of the largest during its swap
-        write_agent_config(files, max_rules=max(262144, 2 * total_rules))
+        write_agent_config(files, max_rules=max(262144, total_rules + largest))
         current = {}
         for v in variants:
             if v.kind == "agent":
@@ -244,6 +262,7 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
             results["self_time"] = _self_time(s, files, variants)
             big = next(v for v in variants if v.kind == "agent" and v.rules == largest)
             results["reloads"] = _reloads(s, files, agent, big, current[big.name], seed)
+            results["policy_parse"] = _parse_cost(files, sum(s.sizes))
             results["agent_log_tail"] = agent.tail(40)
         finally:
             _keep_log(files.log)
@@ -280,7 +299,8 @@ def _start(stack: Cleanup, files: AgentFiles, variants: list[Variant], largest: 
     largest policy's cgroup is refused, until the "enforcing" log line, and the agent's own
     figure (which starts its clock after reading the policies)."""
     big = next(v for v in variants if v.kind == "agent" and v.rules == largest)
-    watch = Watch(big.place, rules.DENIED, "eperm", timeout_s=AGENT_START_TIMEOUT)
+    watch = Watch(big.place, rules.DENIED, "eperm", timeout_s=AGENT_START_TIMEOUT,
+                  interval_us=WATCH_INTERVAL_US)
     try:
         t0 = time.monotonic_ns()
         agent = start_agent(stack, files)
@@ -336,13 +356,15 @@ def _rounds(s: Settings, variants: list[Variant], seed: int) -> list[dict]:
     samples = []
     for r in range(s.rounds):
         if r >= min(MIN_ROUNDS, s.rounds) and time.monotonic() > deadline:
-            log.warning("time budget of %.0f s spent: stopping after %d rounds", s.budget_s, r)
+            log.info("time budget of %.0f s spent: stopping after %d rounds", s.budget_s, r)
             break
         order = list(variants)
         rng.shuffle(order)
         for pos, v in enumerate(order):
             got = workload.sample(v.place, s.count, s.warmup)
             samples.append({"round": r, "position": pos, "variant": v.name, **got})
+        if r % 10 and r != s.rounds - 1:
+            continue
         by = {x["variant"]: x["ns_per_cycle"] for x in samples if x["round"] == r}
         log.info("round %d/%d: %s", r + 1, s.rounds,
                  "  ".join(f"{v.name} {by[v.name] / 1000:.2f}" for v in variants) + "  (µs)")
@@ -392,6 +414,10 @@ def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[st
     replace (all new CIDRs) and edit (one CIDR swapped for another)."""
     out = []
     for k in range(2 * s.reloads):
+        # The agent polls the policy directory every second, and right after a reload (and the
+        # drain of the probe's deny events) that poll is overdue: a rename made then is picked up
+        # by the poll before the SIGHUP, and the SIGHUP reloads once more. Let it settle first.
+        time.sleep(RELOAD_SETTLE)
         kind = "replace" if k % 2 == 0 else "edit"
         mark = rules.marker(k)
         if kind == "replace":
@@ -399,7 +425,8 @@ def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[st
         else:
             new = cidrs[:-1] + [f"{mark}/32"]
         staged, final = _stage_policy(files, big, new)
-        watch = Watch(big.place, mark, "allowed", timeout_s=RELOAD_TIMEOUT)
+        watch = Watch(big.place, mark, "allowed", timeout_s=RELOAD_TIMEOUT,
+                      interval_us=WATCH_INTERVAL_US)
         try:
             idx = len(agent.lines)
             t0 = time.monotonic_ns()
@@ -412,21 +439,39 @@ def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[st
             seen = watch.result()
         finally:
             watch.close()
+        polled = any("policy directory changed" in x.text for x in agent.lines[idx:i + 1])
         out.append({"kind": kind, "rules": big.rules, "generation": int(m.group(1)),
+                    "trigger": "directory poll" if polled else "SIGHUP",
                      "probe_allowed_s": (seen[0] - t0) / 1e9 if seen else None,
                      "log_in_force_s": (agent.lines[i].t_ns - t0) / 1e9})
         log.info("reload %d (%s %d rules): in force after %.2f s (log), %s s (probe)", k + 1,
                  kind, big.rules, out[-1]["log_in_force_s"],
                  f"{out[-1]['probe_allowed_s']:.2f}" if seen else "never")
         cidrs = new
-        # Had the agent's 1 s directory poll seen the rename before the SIGHUP arrived (a window
-        # of microseconds), it reloads twice: wait for the second one so it cannot overlap the
-        # next measurement.
-        polled = [x for x in agent.lines[idx:i + 1] if "policy directory changed" in x.text]
+        # Had the poll seen the rename before the SIGHUP arrived anyway, the agent reloads
+        # twice: wait for the second one so that it cannot overlap the next measurement.
         if polled:
             agent.wait_for(r"policy generation (\d+) in force|policy rejected", i + 1,
                            RELOAD_TIMEOUT)
     return out
+
+
+def _parse_cost(files: AgentFiles, n_rules: int) -> dict:
+    """Where reload time goes: the agent's own policy loading and compiling, timed in this
+    process on the same directory (no kernel involved)."""
+    from hostagent.config import load_config
+    from hostagent.daemon import compile_policies
+    from hostagent.policy.load import load_policy_dir
+
+    cfg = load_config(str(files.config))
+    t0 = time.monotonic()
+    policies = load_policy_dir(files.policy_dir)
+    t1 = time.monotonic()
+    compile_policies(policies, cfg.metadata.blocked_networks())
+    t2 = time.monotonic()
+    log.info("policy directory of %d rules: loaded in %.2f s, compiled in %.2f s", n_rules,
+             t1 - t0, t2 - t1)
+    return {"rules": n_rules, "load_s": t1 - t0, "compile_s": t2 - t1}
 
 
 if __name__ == "__main__":

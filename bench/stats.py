@@ -64,15 +64,20 @@ def added(variant: str, baseline: str) -> Callable[[Sequence[Mapping[str, float]
     return stat
 
 
-def ratio_of_added(num: str, den: str, baseline: str) -> Callable[[Sequence[Mapping[str, float]]], float]:
-    """(median(num) - median(base)) / (median(den) - median(base)); inf when den adds nothing."""
-    a, b = added(num, baseline), added(den, baseline)
-
+def paired_added(variant: str, baseline: str) -> Callable[[Sequence[Mapping[str, float]]], float]:
+    """median over rounds of (variant - baseline): each difference is taken within one round,
+    so a slow spell of the machine that spans a round cancels out."""
     def stat(rounds):
-        d = b(rounds)
-        return a(rounds) / d if d > 0 else float("inf")
+        return statistics.median(r[variant] - r[baseline] for r in rounds)
     return stat
 
 
-def paired_deltas(rounds: Sequence[Mapping[str, float]], variant: str, baseline: str) -> list[float]:
-    return [r[variant] - r[baseline] for r in rounds]
+def ratio(num: Callable[[Sequence[Mapping[str, float]]], float],
+          den: Callable[[Sequence[Mapping[str, float]]], float]
+          ) -> Callable[[Sequence[Mapping[str, float]]], float]:
+    """num / den of two added-cost statistics; inf when den adds nothing."""
+    def stat(rounds):
+        d = den(rounds)
+        return num(rounds) / d if d > 0 else float("inf")
+    return stat
+
