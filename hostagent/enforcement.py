@@ -67,6 +67,7 @@ class Enforcement:
         self.installed: dict[str, InstalledRuleset] = {}        # by digest
         self.by_id: dict[int, RulesetInfo] = {}                 # every id events may name
         self._portsets: dict[tuple[PortEntry, ...], list[int]] = {}   # content -> [id, refs]
+        self._portset_content: dict[int, tuple[PortEntry, ...]] = {}  # id -> content
         self._free_portsets: list[int] = []
         self._next_portset = 1
         self._bindings: dict[int, tuple] = {}                   # cgroup id -> value written
@@ -162,18 +163,21 @@ class Enforcement:
         table = self._t["portsets"]
         table[table.Key(pid)] = table.Leaf.from_buffer_copy(bytes(ps))
         self._portsets[ports] = [pid, 1]
+        self._portset_content[pid] = ports
         return pid
 
     def _release_portset(self, pid: int) -> None:
-        for ports, slot in list(self._portsets.items()):
-            if slot[0] == pid:
-                slot[1] -= 1
-                if slot[1] == 0:
-                    del self._portsets[ports]
-                    table = self._t["portsets"]
-                    table[table.Key(pid)] = table.Leaf()   # count 0 = free
-                    self._free_portsets.append(pid)
-                return
+        ports = self._portset_content.get(pid)
+        if ports is None:
+            return
+        slot = self._portsets[ports]
+        slot[1] -= 1
+        if slot[1] == 0:
+            del self._portsets[ports]
+            del self._portset_content[pid]
+            table = self._t["portsets"]
+            table[table.Key(pid)] = table.Leaf()   # count 0 = free
+            self._free_portsets.append(pid)
 
     def _install(self, ruleset: Ruleset, generation: int) -> InstalledRuleset:
         rid = self._next_ruleset
