@@ -1,10 +1,15 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /*
- * cgroup_skb egress: the packet-level backstop. The socket hooks judge every TCP/UDP
- * destination; what they never see is a raw or ICMP socket's packets (hand-made TCP, ICMP
- * tunnels) and traffic of sockets that existed before the agent. Per packet we only do what
- * is cheap (one metadata lookup, the socket type); the full decision runs only for metadata
- * destinations and non-plain sockets.
+ * cgroup_skb egress: the packet-level backstop, run on every packet the node sends, so its
+ * common case must cost next to nothing. It has two jobs:
+ *   - raw, ICMP and other non-TCP/UDP sockets never pass the socket hooks: their every packet is
+ *     judged here;
+ *   - connect/sendmsg judge by the sending task's cgroup (bpf/lib/origin.h). A packet that opens
+ *     a flow (a TCP SYN, any UDP datagram) from a socket whose cgroup is not the sender's — a
+ *     socket passed over SCM_RIGHTS, a task moved after socket(), an MPTCP subflow opened by a
+ *     kernel worker — is judged again here by the socket's own cgroup, and dropped if denied.
+ * Everything else (packets of flows already judged, replies from request and timewait sockets)
+ * passes after a few field reads, before any map lookup.
  */
 #undef HOSTAGENT_FILE_ID
 #define HOSTAGENT_FILE_ID FILE_CGROUP_SKB
@@ -12,79 +17,95 @@
 #define SKB_DROP 0
 #define SKB_PASS 1
 
-int skb_egress(struct __sk_buff *skb)
+/* __skb_destination() - fill @a from the packet's headers. Returns 0, or -1 if unparseable. */
+static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_args *a)
 {
-	struct emit_args a = { .hook = HOOK_SKB_EGRESS, .in_task = 0 };
-	struct metadata_key mkey = { .prefixlen = 128 };
-	struct bpf_sock *sk;
-	struct origin o = {};
-	struct decision d;
 	__u32 l4off;
 	__u8 l4proto;
-	int raw = 0, is_meta;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 
 		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
-			return SKB_PASS;
-		a.daddr[0] = 0;
-		a.daddr[1] = 0;
-		a.daddr[2] = bpf_htonl(0xffff);
-		a.daddr[3] = ip.daddr;
-		a.family = HA_AF_INET;
+			return -1;
+		a->daddr[0] = 0;
+		a->daddr[1] = 0;
+		a->daddr[2] = bpf_htonl(0xffff);
+		a->daddr[3] = ip.daddr;
+		a->family = HA_AF_INET;
 		l4proto = ip.protocol;
 		l4off = ip.ihl * 4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
-			return SKB_PASS;
-		__builtin_memcpy(a.daddr, &ip6.daddr, sizeof(a.daddr));
-		a.family = HA_AF_INET6;
+			return -1;
+		__builtin_memcpy(a->daddr, &ip6.daddr, sizeof(a->daddr));
+		a->family = HA_AF_INET6;
 		/* extension headers are not walked: their packets are judged without a port */
 		l4proto = ip6.nexthdr;
 		l4off = sizeof(ip6);
 	} else {
-		return SKB_PASS;
+		return -1;
 	}
-
-	sk = skb->sk;
-	if (sk)
-		sk = bpf_sk_fullsock(sk);
-	if (sk)
-		raw = !__is_plain_socket(sk->type, sk->protocol);
-
-	mkey.addr[0] = a.daddr[0];
-	mkey.addr[1] = a.daddr[1];
-	mkey.addr[2] = a.daddr[2];
-	mkey.addr[3] = a.daddr[3];
-	is_meta = metadata.lookup(&mkey) != NULL;
-	if (!is_meta && !raw)
-		return SKB_PASS;
-
-	__origin_from_skb(skb, &o);
-	a.protocol = l4proto;
-	a.cookie = bpf_get_socket_cookie(skb);
+	a->protocol = l4proto;
 	if (l4proto == IPPROTO_TCP || l4proto == IPPROTO_UDP) {
 		__u16 port;
 
 		/* dest is the second 16-bit field of both headers */
 		if (!bpf_skb_load_bytes(skb, l4off + 2, &port, sizeof(port)))
-			a.dport = bpf_ntohs(port);
+			a->dport = bpf_ntohs(port);
+	}
+	return 0;
+}
+
+int skb_egress(struct __sk_buff *skb)
+{
+	struct emit_args a = { .hook = HOOK_SKB_EGRESS, .in_task = 0 };
+	struct bpf_sock *sk = skb->sk;
+	struct binding *b;
+	struct decision d;
+	int raw;
+
+	if (!sk)
+		return SKB_PASS;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return SKB_PASS;
+	raw = !__is_plain_socket(sk->type, sk->protocol);
+	a.cgroup_id = bpf_skb_cgroup_id(skb);
+	if (!raw) {
+		if (sk->protocol != IPPROTO_UDP && sk->state != BPF_TCP_SYN_SENT)
+			return SKB_PASS;
+		if (a.cgroup_id == bpf_get_current_cgroup_id())
+			return SKB_PASS;
 	}
 
+	if (__skb_destination(skb, &a))
+		return SKB_PASS;
+	b = __binding_of_skb(skb, a.cgroup_id);
 	if (raw) {
-		__decide_raw(&o, &d);
-		if (d.verdict == VERDICT_DENY || !is_meta) {
-			__emit(&o, &d, &a);
-			return d.verdict == VERDICT_DENY ? SKB_DROP : SKB_PASS;
-		}
+		__decide_raw(b, &d);
+		if (d.verdict != VERDICT_ALLOW || d.emit_allow)
+			__emit(skb, &d, &a);
+		else
+			__count_decision(d.policy_id, d.verdict, d.reason, a.hook);
+		if (d.verdict == VERDICT_DENY)
+			return SKB_DROP;
+		/* allowRawSockets lets a workload send raw packets anywhere but to metadata */
+		__decide(b, a.daddr, a.dport, __proto_bit(a.protocol), &d);
+		if (d.reason != REASON_METADATA_BLOCK)
+			return SKB_PASS;
+	} else {
+		__decide(b, a.daddr, a.dport, __proto_bit(a.protocol), &d);
+		/* A plain socket outside any policy keeps the node default its sender got at
+		 * connect; what the backstop adds for it is the metadata block. */
+		if (d.reason == REASON_NODE_DEFAULT)
+			return SKB_PASS;
 	}
-	__decide(&o, a.daddr, a.dport, __proto_bit(l4proto), &d);
-	/* allowed packets of allowed connections are not news: count them, do not repeat them */
+	/* allowed packets are counted, not sent: the flow's connect already was */
 	if (d.verdict != VERDICT_ALLOW)
-		__emit(&o, &d, &a);
+		__emit(skb, &d, &a);
 	else
 		__count_decision(d.policy_id, d.verdict, d.reason, a.hook);
 	return d.verdict == VERDICT_DENY ? SKB_DROP : SKB_PASS;

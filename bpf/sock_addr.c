@@ -14,25 +14,16 @@
  * @ctx: the hook's context
  * @hook: HOOK_*
  * @v6: the hook is an IPv6 one (user_ip6 holds the address, IPv4-mapped included)
+ *
+ * Judged by the calling task's cgroup: see bpf/lib/origin.h for why, and for how a socket used
+ * outside the cgroup that created it is still judged as its creator's.
  */
 static __always_inline int __sock_addr(struct bpf_sock_addr *ctx, __u8 hook, int v6)
 {
-	struct bpf_sock *sk = ctx->sk;
-	struct origin o = {};
-	struct origin *stored = NULL;
 	struct emit_args a = { .hook = hook, .in_task = 1 };
 	struct decision d;
 
-	if (sk)
-		stored = origins.sk_storage_get(sk, 0, 0);
-	/* Copy rather than point: the verifier will not let one load read from both socket
-	 * storage and the stack. Sockets older than the agent have no origin: the caller's
-	 * cgroup is the best the kernel can tell us then. */
-	if (stored)
-		__builtin_memcpy(&o, stored, sizeof(o));
-	else
-		__origin_from_current(&o);
-
+	a.cgroup_id = bpf_get_current_cgroup_id();
 	if (v6) {
 		a.daddr[0] = ctx->user_ip6[0];
 		a.daddr[1] = ctx->user_ip6[1];
@@ -49,10 +40,9 @@ static __always_inline int __sock_addr(struct bpf_sock_addr *ctx, __u8 hook, int
 	/* user_port holds the port in network byte order in its low 16 bits */
 	a.dport = bpf_ntohs((__u16)ctx->user_port);
 	a.protocol = ctx->protocol;
-	a.cookie = bpf_get_socket_cookie(ctx);
 
-	__decide(&o, a.daddr, a.dport, __proto_bit(ctx->protocol), &d);
-	__emit(&o, &d, &a);
+	__decide(__binding_of_current(a.cgroup_id), a.daddr, a.dport, __proto_bit(ctx->protocol), &d);
+	__emit(ctx, &d, &a);
 	return d.verdict == VERDICT_DENY ? SOCK_ADDR_DENY : SOCK_ADDR_ALLOW;
 }
 

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import posixpath
 import re
+import socket
 from collections.abc import Callable, Iterable
 
 __all__ = [
@@ -91,6 +92,22 @@ def host_port(value: object) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ipv4_network(addr: str, prefix: str) -> ipaddress.IPv4Network | None:
+    """The common case, ~10x faster than ipaddress's string parser (which dominates loading a
+    100k-rule policy); None sends anything else, errors included, to the full parser."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, addr)  # dotted quad only, no leading zeros
+    except OSError:
+        return None
+    bits = int(prefix)
+    if bits > 32:
+        return None
+    value = int.from_bytes(packed, "big")
+    if value & ((1 << (32 - bits)) - 1):
+        return None  # host bits set: the full parser words the error
+    return ipaddress.IPv4Network((value, bits))
+
+
 def cidr(value: object) -> IPNetwork:
     """``"10.0.0.0/8"`` -> network, strictly: host bits set is an error. A bare address is a /32 or /128."""
     s = _string(value, "a string CIDR")
@@ -101,6 +118,9 @@ def cidr(value: object) -> IPNetwork:
         raise _fail(value, "prefix length must be a number")
     if "%" in addr:
         raise _fail(value, "scoped addresses are not allowed")
+    fast = _ipv4_network(addr, prefix if slash else "32")
+    if fast is not None:
+        return fast
     try:
         return ipaddress.ip_network(s, strict=True)
     except ValueError:

@@ -16,6 +16,9 @@ import signal
 import time
 from collections import deque
 
+import psutil
+
+
 from hostagent import __version__
 from hostagent.bpf import abi, loader
 from hostagent.bpf.bpffs import ensure_pin_dir
@@ -140,8 +143,9 @@ class Agent:
         self.metrics.ready.set(1 if self._ready else 0)
         self.phase = Phase.RUNNING
         self._write_status()
-        log.info("enforcing (generation %d) in %.2fs", self.enforcement.state.generation,
-                 time.monotonic() - t0)
+        log.info("enforcing (generation %d) in %.2fs, %.2fs after the process started",
+                 self.enforcement.state.generation, time.monotonic() - t0,
+                 time.time() - psutil.Process().create_time())
 
     def _load_policies(self):
         try:
@@ -251,8 +255,15 @@ class Agent:
                 while self._signals:
                     signum = self._signals.popleft()
                     if signum == signal.SIGHUP:
-                        log.info("SIGHUP: reloading policies")
-                        self.reload()
+                        # the 1 s poll often gets to an edit first; reloading the same files
+                        # again would only cost another full compile
+                        if (policy_dir_snapshot(self.cfg.policy_dir) == self._snapshot
+                                and self._last_reload and self._last_reload["ok"]):
+                            log.info("SIGHUP: policy directory unchanged since generation %d",
+                                     self.enforcement.state.generation)
+                        else:
+                            log.info("SIGHUP: reloading policies")
+                            self.reload()
                     else:
                         log.info("%s: stopping (enforcement stays pinned)",
                                  signal.Signals(signum).name)

@@ -167,3 +167,68 @@ def test_new_cgroup_matching_a_pattern_is_bound_by_resync(node, listener):
     w = node.workload("agents/late")
     wait_for(lambda: w.verdict("connect", host="127.0.0.2", port=p["tcp4b"]) == "EPERM", 5,
              "resync to bind the new cgroup")
+
+
+# -- sockets used outside the cgroup that created them (threat model: "a socket keeps the cgroup it
+#    was created in"). connect/sendmsg judge by the caller's cgroup, the skb backstop by the
+#    socket's, so the creator's policy holds wherever the socket goes.
+
+def _counts(listener):
+    return listener.do("counts")
+
+
+def test_task_moved_after_socket_keeps_creator_policy(node, listener):
+    p = listener.ports
+    node.write_policy("a", policy("agent-a", "/agent-a", allow_port(p["tcp4"])))
+    free = node.cgroup("free")
+    w = node.workload("agent-a")
+    node.start_agent()
+    before = _counts(listener)["accepted"][f"tcp:127.0.0.2:{p['tcp4b']}"]
+    # socket() in /agent-a, connect() from /free: the SYN is dropped by the creator's policy
+    assert w.verdict("connect_after_move", cgroup=free, host="127.0.0.2", port=p["tcp4b"],
+                     timeout=1.5) == "TIMEOUT"
+    e = node.wait_event(verdict="deny", hook="skb_egress")
+    assert e["workload"]["cgroup_path"] == "/agent-a"
+    assert e["policy"] == "agent-a"
+    assert e["destination"] == {"ip": "127.0.0.2", "port": p["tcp4b"], "protocol": "tcp"}
+    assert _counts(listener)["accepted"][f"tcp:127.0.0.2:{p['tcp4b']}"] == before
+    # an allowed destination still works from the new cgroup: nothing else was broken
+    w2 = node.workload("agent-a")
+    assert w2.verdict("connect_after_move", cgroup=free, host="127.0.0.2", port=p["tcp4"]) == "ok"
+
+
+def test_socket_brought_into_a_governed_cgroup_is_judged_there_too(node, listener):
+    p = listener.ports
+    node.write_policy("a", policy("agent-a", "/agent-a", allow_port(p["tcp4"])))
+    governed = node.cgroup("agent-a")
+    w = node.workload("free")
+    node.start_agent()
+    # socket() outside any policy, connect() from /agent-a: the caller's policy applies at once
+    assert w.verdict("connect_after_move", cgroup=governed, host="127.0.0.2",
+                     port=p["tcp4b"]) == "EPERM"
+    assert node.wait_event(verdict="deny", hook="connect4")["workload"]["cgroup_path"] == "/agent-a"
+
+
+def test_scm_rights_passed_sockets_keep_creator_policy(node, listener, tmp_path):
+    p = listener.ports
+    node.write_policy("a", policy("agent-a", "/agent-a", allow_port(p["tcp4"])))
+    creator, user = node.workload("agent-a"), node.workload("free")
+    node.start_agent()
+    key = f"udp:127.0.0.2:{p['udp4']}"
+    for kind in ("tcp", "udp"):
+        path = str(tmp_path / f"pass-{kind}.sock")
+        assert user.verdict("recv_fd_listen", path=path) == "ok"
+        assert creator.verdict("send_new_socket", path=path, host="127.0.0.2",
+                               udp=kind == "udp") == "ok"
+        if kind == "tcp":
+            assert user.verdict("use_received", host="127.0.0.2", port=p["tcp4b"],
+                                timeout=1.5) == "TIMEOUT"
+            e = node.wait_event(verdict="deny", hook="skb_egress", destination__protocol="tcp")
+        else:
+            before = _counts(listener)["received"][key]
+            # sendto "succeeds" (the drop happens below the socket layer); nothing arrives
+            user.verdict("use_received", host="127.0.0.2", port=p["udp4"])
+            e = node.wait_event(verdict="deny", hook="skb_egress", destination__protocol="udp")
+            assert _counts(listener)["received"][key] == before
+        assert e["workload"]["cgroup_path"] == "/agent-a"
+        assert e["policy"] == "agent-a"

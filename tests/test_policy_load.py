@@ -616,3 +616,29 @@ def _mutate(doc: object, draw, depth: int = 0) -> object:
 def test_fuzz_mutated_policies(data):
     base = yaml.safe_load(BASE)
     _load_or_policy_error(yaml.safe_dump(_mutate(base, data.draw)))
+
+
+def test_libyaml_fast_path_agrees_with_the_python_composer():
+    """The fast composer must give the same tree, and hand anything unusual to the slow one."""
+    from hostagent.policy.load import _compose_libyaml, _compose_python
+
+    def shape(node):
+        if isinstance(node.value, str):
+            return (node.tag, node.value, node.start_mark.line)
+        if node.tag.endswith("map"):
+            return (node.tag, [(shape(k), shape(v)) for k, v in node.value])
+        return (node.tag, [shape(c) for c in node.value])
+
+    text = ("apiVersion: hostagent.io/v1\nkind: EgressPolicy\nmetadata: {name: a}\n"
+            "spec:\n  selector: {cgroupPath: '/a/*'}\n  egress:\n"
+            "    - to: [{cidr: 10.0.0.0/8}]\n      ports: [{port: 443}]\n---\n---\nfoo: [1, 'x']\n")
+    fast = _compose_libyaml(text)
+    slow, err = _compose_python(text, "p.yaml")
+    assert err is None and fast is not None
+    assert [shape(n) for n in fast] == [shape(n) for n in slow]
+    # anchors, deep nesting and syntax errors are left to the composer that words the error
+    assert _compose_libyaml("a: &x [1]\nb: *x\n") is None
+    assert _compose_libyaml("a: *x\n") is None
+    assert _compose_libyaml("a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 40)) + "  " * 40 + "v\n") is None
+    assert _compose_libyaml("[" * 40 + "]" * 40) is None
+    assert _compose_libyaml("a: [\n") is None

@@ -144,6 +144,62 @@ def run(cmd, listeners):
         finally:
             s.close()
         return {}
+    if op == "connect_after_move":
+        # socket() here, then move to another cgroup, then connect: the socket keeps its creator's
+        s = socket.socket(family(cmd["host"]), socket.SOCK_STREAM)
+        try:
+            join_cgroup(cmd["cgroup"])
+            s.settimeout(cmd.get("timeout", 5))
+            s.connect((cmd["host"], cmd["port"]))
+        finally:
+            s.close()
+        return {}
+    if op == "udp_send_after_move":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_DGRAM)
+        try:
+            join_cgroup(cmd["cgroup"])
+            s.sendto(b"probe", (cmd["host"], cmd["port"]))
+        finally:
+            s.close()
+        return {}
+    if op == "recv_fd_listen":
+        # accept one unix connection and keep the socket it carries (SCM_RIGHTS)
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        u.bind(cmd["path"])
+        u.listen(1)
+
+        def take():
+            c, _ = u.accept()
+            _, fds, _, _ = socket.recv_fds(c, 16, 1)
+            listeners.received_fd = fds[0]
+            c.close()
+            u.close()
+
+        listeners.fd_thread = threading.Thread(target=take, daemon=True)
+        listeners.fd_thread.start()
+        return {}
+    if op == "send_new_socket":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_DGRAM if cmd.get("udp") else socket.SOCK_STREAM)
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            u.connect(cmd["path"])
+            socket.send_fds(u, [b"x"], [s.fileno()])
+        finally:
+            u.close()
+            s.close()
+        return {}
+    if op == "use_received":
+        listeners.fd_thread.join(5)
+        s = socket.socket(fileno=listeners.received_fd)
+        try:
+            if s.type == socket.SOCK_DGRAM:
+                s.sendto(b"probe", (cmd["host"], cmd["port"]))
+            else:
+                s.settimeout(cmd.get("timeout", 5))
+                s.connect((cmd["host"], cmd["port"]))
+        finally:
+            s.close()
+        return {}
     if op == "mkdir_join":
         os.makedirs(cmd["path"], exist_ok=True)
         join_cgroup(cmd["path"])
@@ -171,6 +227,8 @@ def main():
         cmd = json.loads(line)
         try:
             reply = {"ok": True, **run(cmd, listeners)}
+        except TimeoutError:
+            reply = {"ok": False, "errno": "TIMEOUT"}
         except OSError as e:
             reply = {"ok": False, "errno": errno.errorcode.get(e.errno, str(e.errno))}
         print(json.dumps(reply), flush=True)

@@ -74,7 +74,7 @@ enum hostagent_error {
 	ERROR_UNSPECIFIED = 0,
 	ERROR_RINGBUF_FULL = 1,      /* event lost: ring buffer had no room */
 	ERROR_COUNTER_UPDATE = 2,    /* decision counter could not be created */
-	ERROR_SK_STORAGE = 3,        /* socket origin could not be stored */
+	ERROR_SK_STORAGE = 3,        /* retired (socket storage is no longer used); number kept */
 	ERROR_CONFIG_MISSING = 4,    /* config map empty: decided fail-closed for governed sockets */
 };
 
@@ -154,14 +154,6 @@ struct portset {
 struct metadata_key {
 	__u32 prefixlen;
 	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
-};
-
-/* origins_v1 (socket storage): the cgroup chain of the task that created the socket. */
-struct origin {
-	__u64 cgroup_id;                       /* the creator's own cgroup */
-	__u64 ancestors[MAX_CGROUP_DEPTH];     /* ancestors[level], 0 past the creator's level */
-	__u32 depth;                           /* number of valid ancestors entries */
-	__u32 pad;
 };
 
 /* decisions_v1 (per-CPU hash): count of every decision, allow included. */

@@ -11,7 +11,7 @@
 #define HOSTAGENT_FILE_ID FILE_EVENTS
 
 struct emit_args {
-	__u64 cookie;
+	__u64 cgroup_id;     /* the socket's cgroup as the hook knows it */
 	__u32 daddr[4];
 	__u16 dport;
 	__u8 family;
@@ -23,12 +23,11 @@ struct emit_args {
 
 /*
  * __emit() - count a decision and, unless it is an allow nobody asked to see, send it.
- * @o: the socket's cgroup chain
+ * @ctx: the hook's context, for the socket cookie (fetched only when an event is sent)
  * @d: the decision
  * @a: what was decided about
  */
-static __always_inline void __emit(const struct origin *o, const struct decision *d,
-				   const struct emit_args *a)
+static __always_inline void __emit(void *ctx, const struct decision *d, const struct emit_args *a)
 {
 	struct event *e;
 
@@ -42,8 +41,8 @@ static __always_inline void __emit(const struct origin *o, const struct decision
 		return;
 	}
 	e->time_ns = bpf_ktime_get_boot_ns();
-	e->cgroup_id = o->cgroup_id;
-	e->sock_cookie = a->cookie;
+	e->cgroup_id = a->cgroup_id;
+	e->sock_cookie = bpf_get_socket_cookie(ctx);
 	if (a->in_task) {
 		__u64 pid_tgid = bpf_get_current_pid_tgid();
 		__u64 uid_gid = bpf_get_current_uid_gid();

@@ -43,10 +43,6 @@ BPF_TABLE_PINNED("percpu_hash", struct decision_key, __u64, decisions, 16384,
 		 PIN("hostagent_decisions_v1"));
 BPF_TABLE_PINNED("percpu_hash", struct error_key, __u64, errors, 1024,
 		 PIN("hostagent_errors_v1"));
-/* Socket storage lives and dies with each socket; pinned so that sockets created under a previous
- * agent keep their origin after a takeover. */
-BPF_TABLE_PINNED("sk_storage", int, struct origin, origins, 0,
-		 PIN("hostagent_origins_v1"), BPF_F_NO_PREALLOC);
 
 /* Not pinned: each agent drains its own ring; see docs/architecture.md on takeover. */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);

@@ -126,18 +126,17 @@ static __always_inline void __decision_init(struct decision *d, const struct con
 }
 
 /*
- * __decide() - judge a destination for a socket of a cgroup chain.
- * @o: the socket's cgroup chain
+ * __decide() - judge a destination for a socket.
+ * @b: the binding that governs the socket's cgroup (__binding_of_*), NULL if none
  * @daddr: destination, network byte order, IPv4 mapped
  * @dport: destination port, host byte order
  * @proto_bit: PROTO_BIT_* of the socket (0: no rule can match)
  * @d: out
  */
-static __always_inline void __decide(const struct origin *o, const __u32 daddr[4], __u16 dport,
+static __always_inline void __decide(const struct binding *b, const __u32 daddr[4], __u16 dport,
 				     __u8 proto_bit, struct decision *d)
 {
 	struct config *cfg = __config();
-	struct binding *b = __binding_of(o);
 	struct metadata_key mkey = { .prefixlen = 128 };
 	struct rule_value *rv = NULL;
 	int is_meta, matched = 0;
@@ -194,13 +193,12 @@ static __always_inline void __decide(const struct origin *o, const __u32 daddr[4
 
 /*
  * __decide_raw() - judge the creation or a packet of a socket that is not plain TCP/UDP.
- * @o: the socket's cgroup chain
+ * @b: the binding that governs the socket's cgroup, NULL if none
  * @d: out
  */
-static __always_inline void __decide_raw(const struct origin *o, struct decision *d)
+static __always_inline void __decide_raw(const struct binding *b, struct decision *d)
 {
 	struct config *cfg = __config();
-	struct binding *b = __binding_of(o);
 
 	__decision_init(d, cfg, b);
 	if (b && b->mode != MODE_NONE) {

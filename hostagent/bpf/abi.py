@@ -146,15 +146,6 @@ class MetadataKey(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
 
 
-class Origin(ct.Structure):
-    _fields_ = [
-        ("cgroup_id", ct.c_uint64),
-        ("ancestors", ct.c_uint64 * MAX_CGROUP_DEPTH),
-        ("depth", ct.c_uint32),
-        ("pad", ct.c_uint32),
-    ]
-
-
 class DecisionKey(ct.Structure):
     _fields_ = [
         ("policy_id", ct.c_uint32),
@@ -203,7 +194,6 @@ STRUCTS = {
     "port_range": PortRange,
     "portset": PortSet,
     "metadata_key": MetadataKey,
-    "origin": Origin,
     "decision_key": DecisionKey,
     "error_key": ErrorKey,
     "event": Event,
@@ -228,6 +218,17 @@ def as_v6_network(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddre
         base = int(_V4_MAPPED.network_address) | int(net.network_address)
         return ipaddress.IPv6Network((base, 96 + net.prefixlen))
     return net
+
+
+def key_prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
+    """as_v6_network() as (128-bit address, prefix length), without building a network object:
+    the compiler does this for every CIDR of a policy."""
+    if net.version == 4:
+        return _V4_MAPPED_INT | int(net.network_address), 96 + net.prefixlen
+    return int(net.network_address), net.prefixlen
+
+
+_V4_MAPPED_INT = int(_V4_MAPPED.network_address)
 
 
 def address_of(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

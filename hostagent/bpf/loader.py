@@ -52,7 +52,10 @@ PROGRAMS = (
 
 MAP_PINS = ("hostagent_config_v1", "hostagent_bindings_v1", "hostagent_rules_v1",
             "hostagent_portsets_v1", "hostagent_metadata_v1", "hostagent_decisions_v1",
-            "hostagent_errors_v1", "hostagent_origins_v1")
+            "hostagent_errors_v1")
+# Pins earlier versions made and this one no longer uses: removed after a takeover and by
+# uninstall, so an upgrade leaves nothing behind.
+RETIRED_PINS = ("hostagent_origins_v1",)
 
 
 def link_pin(pin_dir: str, program: Program) -> str:
@@ -129,6 +132,11 @@ class Programs:
                 done.append(self._attach_one(program, cg_fd, root))
         finally:
             os.close(cg_fd)
+        for name in RETIRED_PINS:
+            path = os.path.join(self.pin_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+                done.append(f"unpinned retired {name}")
         return done
 
     def _attach_one(self, program: Program, cg_fd: int, root: CgroupRoot) -> str:
@@ -202,7 +210,7 @@ def uninstall(pin_dir: str) -> list[str]:
             os.close(fd)
         os.unlink(pin)
         done.append(f"detached {program.name}")
-    for name in MAP_PINS:
+    for name in MAP_PINS + RETIRED_PINS:
         path = os.path.join(pin_dir, name)
         if os.path.exists(path):
             os.unlink(path)

@@ -18,7 +18,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hostagent.bpf.abi import MAX_PORT_RANGES, BindingMode, address_of, as_v6_network
+from hostagent.bpf.abi import MAX_PORT_RANGES, BindingMode, address_of, key_prefix
 from hostagent.errors import PolicyCapacityError
 from hostagent.policy.model import Mode, Policy, Protocol
 from hostagent.policy.selector import compile_cgroup_pattern, specificity
@@ -56,14 +56,14 @@ class Ruleset:
 
 
 def _networks(policy: Policy) -> Iterable[tuple[Prefix, tuple[PortEntry, ...]]]:
-    any_dest = [as_v6_network(n) for n in _ANY]
+    any_dest = [key_prefix(n) for n in _ANY]
     for rule in policy.egress:
         ports = tuple(PortEntry(p.first, p.last, int(p.protocols), rule.index) for p in rule.ports)
         if not ports:
             ports = (PortEntry(*ALL_PORTS, rule.index),)
-        nets = [as_v6_network(peer.network) for peer in rule.to] if rule.to else any_dest
-        for net in nets:
-            yield (int(net.network_address), net.prefixlen), ports
+        prefixes = [key_prefix(peer.network) for peer in rule.to] if rule.to else any_dest
+        for prefix in prefixes:
+            yield prefix, ports
 
 
 _ANY = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -81,7 +81,7 @@ def compile_ruleset(policy: Policy, metadata: Iterable) -> Ruleset:
     A prefix inside a metadata endpoint is granted only by rules that name the endpoint itself:
     broader rules (0.0.0.0/0) never open it, and their ports do not leak into it.
     """
-    meta = [(int(n.network_address), n.prefixlen) for n in map(as_v6_network, metadata)]
+    meta = [key_prefix(n) for n in metadata]
     direct: dict[Prefix, set[PortEntry]] = {}
     for prefix, ports in _networks(policy):
         direct.setdefault(prefix, set()).update(ports)

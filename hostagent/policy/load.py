@@ -196,8 +196,58 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
 
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
 def _compose(text: str, path: str) -> tuple[list[Node], PolicyError | None]:
-    """Root nodes of the non-empty documents, up to the first YAML syntax error (if any)."""
+    """Root nodes of the non-empty documents, up to the first YAML syntax error (if any).
+
+    libyaml composes a 100k-rule file ~15x faster than PyYAML's pure-Python composer, but it
+    cannot refuse anchors or bound depth while it composes. So it is used only when the text
+    cannot need either refusal, and its tree is checked afterwards; anything unusual (an
+    anchor, deep flow nesting, an alias, a syntax error) goes through the pure-Python composer,
+    whose errors are the ones users see.
+    """
+    fast = _compose_libyaml(text)
+    return (fast, None) if fast is not None else _compose_python(text, path)
+
+
+def _compose_libyaml(text: str) -> list[Node] | None:
+    if not getattr(yaml, "__with_libyaml__", False) or "&" in text:
+        return None
+    # libyaml's composer recurses in C: flow nesting is the only way to nest deeply in a few
+    # bytes, so bound it before composing (brackets inside quotes only make this stricter)
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        depth += 1 if m.group() in "[{" else -1
+        if depth >= MAX_DEPTH:
+            return None
+    loader = yaml.CSafeLoader(text)
+    roots: list[Node] = []
+    try:
+        while loader.check_node():
+            root = loader.get_node()
+            if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL):
+                continue
+            roots.append(root)
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    # No alias can be in the tree: without "&" there is no anchor to refer to, and libyaml
+    # refuses an undefined alias. Depth is still bounded like the Python composer bounds it.
+    stack = [(r, 1) for r in roots if not isinstance(r, ScalarNode)]
+    while stack:
+        node, level = stack.pop()
+        if level >= MAX_DEPTH:
+            return None
+        children = node.value if isinstance(node, SequenceNode) else \
+            [n for pair in node.value for n in pair]
+        stack.extend((c, level + 1) for c in children if not isinstance(c, ScalarNode))
+    return roots
+
+
+def _compose_python(text: str, path: str) -> tuple[list[Node], PolicyError | None]:
     roots: list[Node] = []
     loader = None
     try:
