@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import ipaddress
 import os
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -114,6 +115,13 @@ class NodeConfig:
     max_rules: int
     max_cgroups: int
     log_level: str  # debug | info | warning | error
+    kube_enabled: str = "auto"  # "auto" (on when credentials exist) | "true" | "false"
+    kubeconfig: str | None = None  # None: in-cluster service account credentials
+    node_name: str | None = None  # None: $NODE_NAME, else the host name
+    pending_action: DefaultAction = DefaultAction.DENY  # pods whose metadata is not known yet
+    trust_domain: str = "cluster.local"
+    unit_spiffe_template: str = "spiffe://{trustDomain}/node/{node}/unit/{unit}"
+    container_spiffe_template: str = "spiffe://{trustDomain}/node/{node}/container/{containerId}"
     source: str | None = None  # the file it was loaded from; None for defaults only
 
 
@@ -171,6 +179,44 @@ def _cgroup_pattern(value: object) -> str:
         if msg == repr(value):
             msg += ": not a valid cgroup path pattern"
         raise ValueError(msg) from None
+
+
+def _kube_enabled(value: object) -> str:
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value == "auto":
+        return "auto"
+    raise ValueError(f'{value!r}: expected true, false or "auto"')
+
+
+def _optional_path(value: object) -> str | None:
+    return None if value is None or value == "" else converters.absolute_path(value)
+
+
+def _node_name(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", value):
+        raise ValueError(f"{value!r}: not a Kubernetes node name (lowercase DNS subdomain)")
+    return value
+
+
+def _trust_domain(value: object) -> str:
+    from hostagent.identity.spiffe import validate_trust_domain
+
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r}: expected a string")
+    return validate_trust_domain(value)
+
+
+def _spiffe_template(kind: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        from hostagent.identity.spiffe import validate_template
+
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r}: expected a string")
+        return validate_template(value, kind)
+    return convert
 
 
 def _metrics_listen(value: object) -> tuple[str, int] | None:
@@ -232,6 +278,13 @@ _ATTRS: Mapping[str, str] = types.MappingProxyType({
     "limits.maxRules": "max_rules",
     "limits.maxCgroups": "max_cgroups",
     "logLevel": "log_level",
+    "kubernetes.enabled": "kube_enabled",
+    "kubernetes.kubeconfig": "kubeconfig",
+    "kubernetes.nodeName": "node_name",
+    "kubernetes.pendingAction": "pending_action",
+    "identity.trustDomain": "trust_domain",
+    "identity.unitSpiffeTemplate": "unit_spiffe_template",
+    "identity.containerSpiffeTemplate": "container_spiffe_template",
 })
 
 
@@ -257,6 +310,11 @@ def _schema() -> _Section:
         "resyncInterval": _resync_interval,
         "limits": _Section({"maxRules": _map_entries, "maxCgroups": _map_entries}),
         "logLevel": converters.log_level,
+        "kubernetes": _Section({"enabled": _kube_enabled, "kubeconfig": _optional_path,
+                                "nodeName": _node_name, "pendingAction": _default_action}),
+        "identity": _Section({"trustDomain": _trust_domain,
+                              "unitSpiffeTemplate": _spiffe_template("unit"),
+                              "containerSpiffeTemplate": _spiffe_template("container")}),
     })
 
 

@@ -12,7 +12,9 @@ import enum
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import time
 from collections import deque
 
@@ -23,15 +25,20 @@ from hostagent import __version__
 from hostagent.bpf import abi, loader
 from hostagent.bpf.bpffs import ensure_pin_dir
 from hostagent.cgroupfs import CgroupRoot, resolve_root
+from hostagent.cgroupwatch import CgroupWatcher
 from hostagent.config import NodeConfig
 from hostagent.enforcement import Enforcement
-from hostagent.errors import HostAgentError, PolicyError
+from hostagent.errors import ConfigError, HostAgentError, PolicyError
 from hostagent.events.log import EventLog
 from hostagent.events.reader import DRAIN_INTERVAL, RingReader
 from hostagent.events.record import BootClock, to_dict
+from hostagent.identity.process import ProcessCache
+from hostagent.identity.resolver import IdentityResolver
 from hostagent.metrics.collector import AgentMetrics
 from hostagent.metrics.server import MetricsServer
-from hostagent.policy.compile import Binder, Ruleset, compile_ruleset
+from hostagent.policy.bind import Binder
+from hostagent.bpf.abi import BindingMode
+from hostagent.policy.compile import Ruleset, compile_ruleset
 from hostagent.policy.load import load_policy_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 POLICY_POLL_INTERVAL = 1.0   # seconds between policy directory checks (SIGHUP forces one now)
 STATUS_INTERVAL = 1.0        # seconds between status.json refreshes
 PATH_REWALK_MIN = 0.05       # seconds: at most one cgroup walk per burst of unknown ids
+KUBE_SYNC_WAIT = 10.0        # seconds start waits for the first pod list before binding pods
 
 
 class Phase(enum.Enum):
@@ -90,6 +98,12 @@ class Agent:
         self._events: EventLog | None = None
         self._reader: RingReader | None = None
         self._clock = BootClock()
+        self._watch: CgroupWatcher | None = None
+        self._pods = None                       # PodWatcher when Kubernetes is on
+        self._pod_changes: deque[set[str]] = deque()   # filled by the pod watcher's thread
+        self.identity: IdentityResolver | None = None
+        self._processes = ProcessCache()
+        self.kube_note: str | None = None       # why Kubernetes metadata is off, for status
         self.metrics = AgentMetrics(self)
 
     # -- signals ----------------------------------------------------------------------------------
@@ -107,6 +121,10 @@ class Agent:
         ensure_pin_dir(cfg.bpffs_dir)
         self.root = resolve_root(cfg.cgroup_root)
         log.info("hostagent %s: governing cgroups below %s", __version__, self.root.path)
+
+        self._start_identity()
+        self._watch = CgroupWatcher(self.root)
+        self._set_cgroups(self._watch.start())
 
         self._snapshot = policy_dir_snapshot(cfg.policy_dir)
         policies, error = self._load_policies()
@@ -147,6 +165,39 @@ class Agent:
                  self.enforcement.state.generation, time.monotonic() - t0,
                  time.time() - psutil.Process().create_time())
 
+    def _start_identity(self) -> None:
+        """Pod metadata from the Kubernetes API when there is a cluster; cgroup-derived
+        identity alone otherwise, and status says which."""
+        cfg = self.cfg
+        node = cfg.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+        if cfg.kube_enabled != "false":
+            from hostagent.identity.kube import PodWatcher, make_api_client
+
+            try:
+                client = make_api_client(cfg.kubeconfig)
+            except ConfigError as err:
+                if cfg.kube_enabled == "true":
+                    raise
+                self.kube_note = f"no cluster credentials ({err}); cgroup-derived identity only"
+                log.info("Kubernetes metadata off: %s", self.kube_note)
+            else:
+                self._pods = PodWatcher(client, node, self._pod_changes.append)
+                self._pods.start()
+                if not self._pods.wait_synced(KUBE_SYNC_WAIT):
+                    log.warning("pods of node %s not listed within %.0fs (%s): unknown pods get "
+                                "the pending action until they are", node, KUBE_SYNC_WAIT,
+                                self._pods.last_error)
+        else:
+            self.kube_note = "disabled by kubernetes.enabled: false"
+        self.identity = IdentityResolver(
+            node_name=node, trust_domain=cfg.trust_domain,
+            unit_template=cfg.unit_spiffe_template,
+            container_template=cfg.container_spiffe_template, pods=self._pods)
+
+    def _namespace_labels(self, name: str):
+        ns = self._pods.namespace(name) if self._pods else None
+        return ns.label_dict() if ns else None
+
     def _load_policies(self):
         try:
             policies = load_policy_dir(self.cfg.policy_dir)
@@ -155,17 +206,31 @@ class Agent:
         except PolicyError as err:
             return None, err
 
-    def _walk(self) -> dict[str, int]:
-        self._cgroups = self.root.walk()
+    def _set_cgroups(self, cgroups: dict[str, int]) -> None:
+        self._cgroups = dict(cgroups)
         self._paths = {cgid: path for path, cgid in self._cgroups.items()}
         self._last_walk = time.monotonic()
         self.metrics.cgroups.set(len(self._cgroups))
+
+    def _walk(self) -> dict[str, int]:
+        """Catch up with cgroupfs: the watcher's rescan, applied like its events."""
+        if self._watch is not None:
+            self._on_cgroup_events(self._watch.rescan())
+        else:
+            self._set_cgroups(self.root.walk())
+        self._last_walk = time.monotonic()
         return self._cgroups
+
+    def _new_binder(self, policies) -> Binder:
+        pending = {0: BindingMode.NONE, 1: BindingMode.NONE, 2: BindingMode.AUDIT,
+                   3: BindingMode.ENFORCE}[int(self.cfg.pending_action)]
+        return Binder(policies, self.cfg.metadata.exempt, identify=self.identity.identify,
+                      namespace_labels=self._namespace_labels, pending_mode=pending)
 
     def _install(self, loaded, new_generation: bool) -> dict:
         policies, rulesets = loaded
-        binder = Binder(policies, self.cfg.metadata.exempt)
-        bindings = binder.bind(self._walk())
+        binder = self._new_binder(policies)
+        bindings = binder.bind(self._cgroups)
         result = self.enforcement.apply(rulesets, bindings, self.cfg.default_action,
                                         self.cfg.emit_allow_events, new_generation)
         self._binder, self._rulesets, self._policies = binder, rulesets, policies
@@ -201,12 +266,56 @@ class Agent:
         self._report_reload_failure(error)
 
     def resync(self) -> None:
-        """Bind cgroups that appeared since the last walk, forget those that went."""
+        """The safety net under the cgroup and pod watches: a full walk and a full bind."""
         if self._binder is None:
             return
-        bindings = self._binder.bind(self._walk())
+        self._walk()
+        bindings = self._binder.bind(self._cgroups)
         self.enforcement.apply(self._rulesets, bindings, self.cfg.default_action,
                                self.cfg.emit_allow_events, new_generation=False)
+
+    def _on_cgroup_events(self, events) -> None:
+        """Bind new cgroups and free removed ones, one map update each."""
+        if not events:
+            return
+        created, removed_ids, removed_paths = [], [], []
+        for ev in events:
+            if ev.kind == "created":
+                self._cgroups[ev.path] = ev.cgroup_id
+                self._paths[ev.cgroup_id] = ev.path
+                created.append(ev.path)
+            else:
+                if self._cgroups.get(ev.path) == ev.cgroup_id:
+                    del self._cgroups[ev.path]
+                self._paths.pop(ev.cgroup_id, None)
+                removed_ids.append(ev.cgroup_id)
+                removed_paths.append(ev.path)
+        created = [p for p in created if p in self._cgroups]
+        self.metrics.cgroups.set(len(self._cgroups))
+        for path in removed_paths:
+            self.identity.forget(path)
+        if self._binder is None:
+            return
+        self._binder.forget(removed_paths)
+        specs = self._binder.rebind(created, self._cgroups)
+        try:
+            self.enforcement.update_bindings(specs, removed_ids)
+        except HostAgentError as err:
+            # new cgroups stay under their nearest bound ancestor in the kernel meanwhile
+            log.error("binding %d new cgroups failed: %s", len(specs), err)
+
+    def _on_pod_changes(self) -> None:
+        """Rebind the cgroups of pods whose metadata changed (labels, new pods, deletions)."""
+        uids: set[str] = set()
+        while self._pod_changes:
+            uids |= self._pod_changes.popleft()
+        if not uids or self._binder is None:
+            return
+        paths = self.identity.pods_changed(uids)
+        specs = self._binder.rebind(paths, self._cgroups)
+        if specs:
+            self.enforcement.update_bindings(specs)
+            log.info("rebound %d cgroups of %d changed pods", len(specs), len(uids))
 
     def _cgroup_path(self, cgid: int) -> str | None:
         path = self._paths.get(cgid)
@@ -221,11 +330,36 @@ class Agent:
             return f"egress[{rule}]"
         return info.rule_names[rule]
 
+    def _identity_of(self, cgid: int) -> dict:
+        path = self._cgroup_path(cgid)
+        if path is None:
+            return {"kind": None, "cgroup_path": None}
+        fields = self.identity.identify(path, cgid).as_event()
+        fields.pop("cgroup_id", None)
+        return fields
+
+    def _process_of(self, pid: int, comm: str) -> dict | None:
+        info = self._processes.lookup(pid, comm)
+        if info is None:
+            return None
+        return {"exe": info.exe if info.matches_kernel else None, "ppid": info.ppid}
+
     def _on_event(self, e: abi.Event) -> None:
         event = to_dict(e, self._clock, self.enforcement.policy_name, self._rule_name,
-                        self._cgroup_path)
+                        self._identity_of, self._process_of)
         self.metrics.events.labels(event["verdict"]).inc()
         self._events.write(event)
+
+    def _identity_status(self) -> dict:
+        out = {"kubernetes": self.identity.kubernetes_state if self.identity else "disabled",
+               "note": self.kube_note,
+               "conflicts": dict(self._binder.conflicts) if self._binder else {}}
+        if self._pods is not None:
+            out.update(node=self._pods.node_name, pods=len(self._pods.pods()),
+                       last_error=self._pods.last_error, watch=self._pods.stats)
+        if self._watch is not None:
+            out["cgroup_watch"] = self._watch.stats
+        return out
 
     def _write_status(self) -> None:
         status = {
@@ -238,6 +372,7 @@ class Agent:
             "map_fill": self.enforcement.fill() if self.enforcement else {},
             "cgroups": len(self._cgroups),
             "events_received": self._reader.received if self._reader else 0,
+            "identity": self._identity_status(),
         }
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         path = os.path.join(self.cfg.state_dir, "status.json")
@@ -284,7 +419,13 @@ class Agent:
                     next_status = now + STATUS_INTERVAL
                     self._clock.resync()
                     self._write_status()
-                time.sleep(DRAIN_INTERVAL)
+                if self._pod_changes:
+                    self._on_pod_changes()
+                # wake for a new cgroup at once: it is bound before its first connect can
+                # matter; otherwise this is the ring buffer's drain tick
+                ready, _, _ = select.select([self._watch.fileno()], [], [], DRAIN_INTERVAL)
+                if ready:
+                    self._on_cgroup_events(self._watch.read())
             return 0
         finally:
             self._teardown()
@@ -299,6 +440,10 @@ class Agent:
                 log.exception("final ring buffer drain failed")
         if self._server is not None:
             self._server.stop()
+        if self._pods is not None:
+            self._pods.stop()
+        if self._watch is not None:
+            self._watch.close()
         if self._events is not None:
             self._events.close()
         if self.root is not None and self.enforcement is not None:

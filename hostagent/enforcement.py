@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from hostagent.bpf import abi
 from hostagent.errors import KernelError, PolicyCapacityError
-from hostagent.policy.compile import BindingSpec, PortEntry, Ruleset
+from hostagent.policy.bind import BindingSpec
+from hostagent.policy.compile import PortEntry, Ruleset
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Enforcement:
         self._free_portsets: list[int] = []
         self._next_portset = 1
         self._bindings: dict[int, tuple] = {}                   # cgroup id -> value written
+        self._by_policy: dict[str, InstalledRuleset] = {}       # policy name -> ruleset in force
         self._next_ruleset = 1
         self.rule_entries = 0
         self._adopt()
@@ -284,19 +286,31 @@ class Enforcement:
         return {"generation": generation, "rulesets_added": len(new),
                 "rulesets_removed": removed, **changed}
 
+    def _binding_value(self, spec: BindingSpec, by_policy: Mapping[str, InstalledRuleset]
+                       ) -> tuple[int, int, int, int]:
+        flags = (abi.BINDING_METADATA_EXEMPT if spec.exempt else 0) | \
+                (abi.BINDING_ALLOW_RAW if spec.allow_raw else 0) | \
+                (abi.BINDING_PENDING if spec.pending else 0) | \
+                (abi.BINDING_CONFLICT if spec.conflict else 0)
+        if spec.pending or spec.conflict:
+            return (0, 0, int(spec.mode), flags)
+        if spec.policy is None:
+            return (0, 0, int(abi.BindingMode.NONE), flags)
+        inst = by_policy[spec.policy]
+        return (inst.id, self.policy_id(spec.policy), int(spec.mode), flags)
+
     def _write_bindings(self, by_policy: Mapping[str, InstalledRuleset],
                         bindings: Mapping[int, BindingSpec], generation: int) -> dict:
+        self._by_policy = dict(by_policy)
+        want = {cgid: self._binding_value(spec, by_policy) for cgid, spec in bindings.items()}
+        added, changed = self._put_bindings(want, generation)
+        removed = self._drop_bindings(self._bindings.keys() - want.keys())
+        return {"bindings_added": added, "bindings_changed": changed,
+                "bindings_removed": removed}
+
+    def _put_bindings(self, want: Mapping[int, tuple[int, int, int, int]], generation: int
+                      ) -> tuple[int, int]:
         table = self._t["bindings"]
-        want = {}
-        for cgid, spec in bindings.items():
-            flags = (abi.BINDING_METADATA_EXEMPT if spec.exempt else 0) | \
-                    (abi.BINDING_ALLOW_RAW if spec.allow_raw else 0)
-            if spec.policy is None:
-                value = (0, 0, int(abi.BindingMode.NONE), flags)
-            else:
-                inst = by_policy[spec.policy]
-                value = (inst.id, self.policy_id(spec.policy), int(spec.mode), flags)
-            want[cgid] = value
         added = changed = 0
         for cgid, value in want.items():
             old = self._bindings.get(cgid)
@@ -310,16 +324,35 @@ class Enforcement:
                 added += 1
             else:
                 changed += 1
+        return added, changed
+
+    def _drop_bindings(self, cgids) -> int:
+        table = self._t["bindings"]
         removed = 0
-        for cgid in list(self._bindings.keys() - want.keys()):
+        for cgid in list(cgids):
+            if cgid not in self._bindings:
+                continue
             try:
                 del table[table.Key(cgid)]
             except KeyError:
                 pass  # the kernel freed it with the cgroup? keep our mirror honest anyway
             del self._bindings[cgid]
             removed += 1
-        return {"bindings_added": added, "bindings_changed": changed,
-                "bindings_removed": removed}
+        return removed
+
+    def update_bindings(self, changed: Mapping[int, BindingSpec], removed=()) -> dict:
+        """Bind or rebind some cgroups under the rulesets already in force, and forget removed
+        ones: what a new container or a label change needs, without a reload. Each cgroup
+        switches with one map update, as in apply()."""
+        new = [cgid for cgid in changed if cgid not in self._bindings]
+        if len(self._bindings) + len(new) > self.max_cgroups:
+            raise PolicyCapacityError(f"{len(self._bindings) + len(new)} cgroups to bind; "
+                                      f"limits.maxCgroups is {self.max_cgroups}")
+        want = {cgid: self._binding_value(spec, self._by_policy)
+                for cgid, spec in changed.items()}
+        added, rebound = self._put_bindings(want, self.state.generation)
+        return {"bindings_added": added, "bindings_changed": rebound,
+                "bindings_removed": self._drop_bindings(removed)}
 
     # -- reading back -----------------------------------------------------------------------------
 

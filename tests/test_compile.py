@@ -8,7 +8,8 @@ import pytest
 
 from hostagent.bpf.abi import BindingMode, as_v6_network
 from hostagent.errors import PolicyCapacityError
-from hostagent.policy.compile import Binder, compile_ruleset
+from hostagent.policy.bind import Binder
+from hostagent.policy.compile import compile_ruleset
 from hostagent.policy.load import load_policy_text
 
 META = [ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128")]

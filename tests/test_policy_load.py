@@ -196,7 +196,7 @@ REJECT = [
     ("  selector:\n    cgroupPath: /workloads/agent-a\n", "  selector: {}\n", 6, "spec.selector: expected exactly one of: cgroupPath"),
     ("  mode: enforce\n", "  mode2: enforce\n", 8, "spec: unknown key 'mode2' (allowed keys: selector, mode, allowRawSockets, egress); did you mean 'mode'?"),
     ("  selector:\n    cgroupPath: /workloads/agent-a\n", "", 6, "spec: missing required key 'selector'"),
-    ("    cgroupPath: /workloads/agent-a", "    kubernetes: {}", 7, "spec.selector: unknown key 'kubernetes' (allowed keys: cgroupPath)"),
+    ("    cgroupPath: /workloads/agent-a", "    pods: {}", 7, "spec.selector: unknown key 'pods' (allowed keys: cgroupPath, systemdUnit, kubernetes, container)"),
     ("cgroupPath: /workloads/agent-a", "cgroupPath: /workloads/../agent-a", 7, "spec.selector.cgroupPath: invalid cgroup path pattern: '/workloads/../agent-a'"),
     ("cgroupPath: /workloads/agent-a", "cgroupPath: /workloads/[ab]", 7, "spec.selector.cgroupPath: invalid cgroup path pattern: '/workloads/[ab]'"),
     ("cgroupPath: /workloads/agent-a", "cgroupPath: /workloads/a**", 7, "'**' must be a whole path segment"),

@@ -41,6 +41,8 @@ enum hostagent_reason {
 	REASON_NODE_DEFAULT = 4,     /* no policy selects the workload: node defaultAction */
 	REASON_RAW_SOCKET = 5,       /* raw, packet or non-TCP/UDP socket */
 	REASON_METADATA_EXEMPT = 6,  /* metadata endpoint, workload exempt by node config */
+	REASON_PENDING_IDENTITY = 7, /* a pod not yet known to the agent: node pendingAction */
+	REASON_SELECTOR_CONFLICT = 8,/* policies of equal precedence select it: denied until fixed */
 };
 
 /* Which program decided. Python: abi.Hook. */
@@ -108,6 +110,9 @@ struct config {
 /* bindings_v1: cgroup id -> the policy that governs it. */
 #define BINDING_METADATA_EXEMPT 0x1 /* node config exempts it from the metadata block */
 #define BINDING_ALLOW_RAW 0x2       /* policy allowRawSockets */
+#define BINDING_PENDING 0x4         /* identity not known yet: mode says what happens, no rules */
+#define BINDING_CONFLICT 0x8        /* selector conflict: mode says what happens, no rules */
+#define BINDING_FIXED (BINDING_PENDING | BINDING_CONFLICT)
 struct binding {
 	__u32 ruleset_id;   /* key prefix in rules_v1; 0 = no policy */
 	__u32 policy_id;    /* stable per policy name, for counters and events */

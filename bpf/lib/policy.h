@@ -126,6 +126,21 @@ static __always_inline void __decision_init(struct decision *d, const struct con
 }
 
 /*
+ * __fixed_verdict() - a binding that stands for no policy yet (identity pending) or for a
+ * selector conflict: its mode alone decides, for every destination.
+ */
+static __always_inline void __fixed_verdict(const struct binding *b, struct decision *d)
+{
+	if (b->mode == MODE_ENFORCE)
+		d->verdict = VERDICT_DENY;
+	else if (b->mode == MODE_AUDIT)
+		d->verdict = VERDICT_AUDIT;
+	else
+		d->verdict = VERDICT_ALLOW;
+	d->reason = (b->flags & BINDING_CONFLICT) ? REASON_SELECTOR_CONFLICT : REASON_PENDING_IDENTITY;
+}
+
+/*
  * __decide() - judge a destination for a socket.
  * @b: the binding that governs the socket's cgroup (__binding_of_*), NULL if none
  * @daddr: destination, network byte order, IPv4 mapped
@@ -149,7 +164,7 @@ static __always_inline void __decide(const struct binding *b, const __u32 daddr[
 	mkey.addr[3] = daddr[3];
 	is_meta = metadata.lookup(&mkey) != NULL;
 
-	if (b && b->mode != MODE_NONE) {
+	if (b && b->mode != MODE_NONE && !(b->flags & BINDING_FIXED)) {
 		struct rule_key rkey = { .prefixlen = 32 + 128 };
 
 		rkey.ruleset_id = bpf_htonl(b->ruleset_id);
@@ -176,6 +191,10 @@ static __always_inline void __decide(const struct binding *b, const __u32 daddr[
 		return;
 	}
 
+	if (b && (b->flags & BINDING_FIXED)) {
+		__fixed_verdict(b, d);
+		return;
+	}
 	if (b && b->mode != MODE_NONE) {
 		if (matched) {
 			d->verdict = VERDICT_ALLOW;
@@ -201,6 +220,10 @@ static __always_inline void __decide_raw(const struct binding *b, struct decisio
 	struct config *cfg = __config();
 
 	__decision_init(d, cfg, b);
+	if (b && (b->flags & BINDING_FIXED)) {
+		__fixed_verdict(b, d);
+		return;
+	}
 	if (b && b->mode != MODE_NONE) {
 		d->reason = REASON_RAW_SOCKET;
 		if (b->flags & BINDING_ALLOW_RAW)

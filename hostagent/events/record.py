@@ -38,9 +38,17 @@ def protocol_name(proto: int) -> str:
 
 def to_dict(e: abi.Event, clock: BootClock, policy_name: Callable[[int], str],
             rule_name: Callable[[int, int], str | None],
-            cgroup_path: Callable[[int], str | None]) -> dict:
-    """One event record as the documented dictionary."""
+            identity: Callable[[int], dict],
+            process: Callable[[int, str], dict | None] | None = None) -> dict:
+    """One event record as the documented dictionary.
+
+    identity(cgroup_id) gives the workload's identity fields (kind, namespace, pod, ..., cgroup
+    path); process(pid, comm) what user space adds about the process (exe, ppid). The kernel's
+    own fields (cgroup id, pid, tid, comm, uid, gid) are written last, so nothing looked up
+    later can overwrite them.
+    """
     dest = None
+    comm = e.comm.decode(errors="replace")
     if e.hook != abi.Hook.SOCK_CREATE:
         dest = {"ip": str(abi.address_of(bytes(e.daddr))), "port": e.dport,
                 "protocol": protocol_name(e.protocol)}
@@ -53,11 +61,12 @@ def to_dict(e: abi.Event, clock: BootClock, policy_name: Callable[[int], str],
         "generation": e.generation,
         "hook": abi.Hook(e.hook).name.lower(),
         "workload": {
+            **identity(e.cgroup_id),
+            **((process(e.pid, comm) if process and e.pid else None) or {"exe": None}),
             "cgroup_id": e.cgroup_id,
-            "cgroup_path": cgroup_path(e.cgroup_id),
             "pid": e.pid,
             "tid": e.tid,
-            "comm": e.comm.decode(errors="replace"),
+            "comm": comm,
             "uid": e.uid,
             "gid": e.gid,
         },

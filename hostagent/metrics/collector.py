@@ -84,6 +84,14 @@ class AgentMetrics:
         self.events = Counter("hostagent_events_total", "Events read from the kernel",
                               ["verdict"], registry=r)
         self.cgroups = Gauge("hostagent_cgroups", "cgroups below the agent's root", registry=r)
+        self.conflicts = Gauge("hostagent_selector_conflicts",
+                               "cgroups denied everything because policies of equal precedence "
+                               "select them", registry=r)
+        self.conflicts.set_function(lambda: len(agent._binder.conflicts) if agent._binder else 0)
+        self.kubernetes = Gauge("hostagent_kubernetes_synced",
+                                "1 while the pod watch of this node is in sync", registry=r)
+        self.kubernetes.set_function(
+            lambda: 1 if agent.identity and agent.identity.kubernetes_state == "synced" else 0)
         self.info = Gauge("hostagent_build_info", "Agent version", ["version"], registry=r)
         self.info.labels(__version__).set(1)
         r.register(KernelCollector(agent))

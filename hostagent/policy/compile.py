@@ -2,8 +2,8 @@
 
 Two steps, because they change at different times:
 - compile_ruleset(): one policy's rules -> LPM entries (prefix -> port ranges), on a policy change;
-- bind(): every cgroup on the node -> the policy that governs it, on a policy change and on every
-  cgroup resync.
+- Binder (hostagent.policy.bind): every cgroup on the node -> the policy that governs it, on a
+  policy change and whenever cgroups or workload identities change.
 
 The LPM trie answers with the longest matching prefix only, so each prefix must already carry
 the ports of every rule whose network contains it (10.1.0.0/16 port 80 inside 10.0.0.0/8 port
@@ -18,10 +18,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hostagent.bpf.abi import MAX_PORT_RANGES, BindingMode, address_of, key_prefix
+from hostagent.bpf.abi import MAX_PORT_RANGES, address_of, key_prefix
 from hostagent.errors import PolicyCapacityError
-from hostagent.policy.model import Mode, Policy, Protocol
-from hostagent.policy.selector import compile_cgroup_pattern, specificity
+from hostagent.policy.model import Policy, Protocol
 
 Prefix = tuple[int, int]  # (128-bit address in key form, prefix length 0..128)
 
@@ -116,75 +115,3 @@ def _show(prefix: Prefix) -> str:
     addr, plen = prefix
     ip = address_of(addr.to_bytes(16, "big"))
     return f"{ip}/{plen - 96 if ip.version == 4 else plen}"
-
-
-# -- binding --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class BindingSpec:
-    """What governs one cgroup, before ids are assigned."""
-
-    policy: str | None      # None: no policy, node defaultAction
-    mode: BindingMode
-    exempt: bool            # from the metadata block
-    allow_raw: bool
-
-
-UNBOUND = BindingSpec(None, BindingMode.NONE, False, False)
-
-
-def _parent(path: str) -> str | None:
-    if path == "/":
-        return None
-    head = path.rsplit("/", 1)[0]
-    return head or "/"
-
-
-class Binder:
-    """Computes every cgroup's binding; remembers per-path matches until the policies change.
-
-    A policy selects the cgroups its pattern matches and governs their descendants. The
-    nearest selected ancestor-or-self wins; at one cgroup the more specific pattern wins
-    (equal specificity that can overlap was rejected by policy check).
-    """
-
-    def __init__(self, policies: Sequence[Policy], exempt: Sequence[str]) -> None:
-        self._policies = [(compile_cgroup_pattern(p.selector.cgroup_path),
-                           specificity(p.selector.cgroup_path), p) for p in policies]
-        self._exempt = [compile_cgroup_pattern(e) for e in exempt]
-        self._direct: dict[str, tuple[Policy | None, bool]] = {}
-
-    def _match(self, path: str) -> tuple[Policy | None, bool]:
-        hit = self._direct.get(path)
-        if hit is None:
-            best = None
-            for regex, spec, policy in self._policies:
-                if regex.fullmatch(path) and (best is None or spec > best[0]):
-                    best = (spec, policy)
-            exempt = any(r.fullmatch(path) for r in self._exempt)
-            hit = self._direct[path] = (best[1] if best else None, exempt)
-        return hit
-
-    def bind(self, cgroups: Mapping[str, int]) -> dict[int, BindingSpec]:
-        """cgroup path -> id (every cgroup below the root) to cgroup id -> binding."""
-        resolved: dict[str, tuple[Policy | None, bool]] = {}
-        for path in sorted(cgroups, key=lambda p: (p.count("/"), p)):
-            policy, exempt = self._match(path)
-            parent = _parent(path)
-            inherited = resolved.get(parent) if parent is not None else None
-            if inherited:
-                policy = policy or inherited[0]
-                exempt = exempt or inherited[1]
-            resolved[path] = (policy, exempt)
-        # forget paths that are gone so the cache does not grow with churn
-        for gone in self._direct.keys() - cgroups.keys():
-            del self._direct[gone]
-        out = {}
-        for path, (policy, exempt) in resolved.items():
-            if policy is None:
-                spec = BindingSpec(None, BindingMode.NONE, exempt, False)
-            else:
-                mode = BindingMode.AUDIT if policy.mode is Mode.AUDIT else BindingMode.ENFORCE
-                spec = BindingSpec(policy.name, mode, exempt, policy.allow_raw_sockets)
-            out[cgroups[path]] = spec
-        return out

@@ -11,7 +11,12 @@ Why it looks the way it does:
 * Anchors/aliases and deep nesting are refused, and files are size-limited, so a broken or
   hostile file cannot make loading slow or exhaust memory (alias bombs).
 * Peer kinds and selector kinds are parsed through ``{key: parser}`` tables (_PEERS,
-  _SELECTORS): adding ``fqdn`` or ``systemdUnit`` means adding one parser and one entry.
+  _SELECTORS): adding ``fqdn`` means adding one parser and one entry.
+* Selectors in YAML that are identities rather than paths (``kubernetes``, ``container``,
+  ``systemdUnit``) are checked as the system that owns the name would check it (the API server,
+  systemd), so a selector that could never match anything is an error here, not a silent no-op.
+  Kubernetes label selectors are validated by hostagent.identity.labels on plain values that
+  this module builds from well-typed nodes, keeping each node's line for the error.
 """
 
 from __future__ import annotations
@@ -32,8 +37,27 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hostagent import converters
 from hostagent.errors import PolicyError
-from hostagent.policy.model import CIDRPeer, EgressRule, Mode, Policy, PortRange, Protocol, Selector
-from hostagent.policy.selector import normalize_cgroup_pattern, overlap_example, specificity
+from hostagent.identity.labels import LabelSelector, parse_label_selector
+from hostagent.policy.model import (
+    CIDRPeer,
+    ContainerSelector,
+    EgressRule,
+    KubernetesSelector,
+    Mode,
+    Policy,
+    PortRange,
+    Protocol,
+    Selector,
+    SelectorKind,
+)
+from hostagent.policy.selector import (
+    name_glob_overlap_example,
+    name_glob_specificity,
+    normalize_cgroup_pattern,
+    normalize_name_glob,
+    overlap_example,
+    specificity,
+)
 
 __all__ = [
     "API_VERSION",
@@ -59,6 +83,29 @@ MAX_DEPTH = 32
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _NAME_MAX = 253
 _DECIMAL_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+
+# Kubernetes object names (apimachinery IsDNS1123Label / IsDNS1123Subdomain): namespaces and
+# container names are labels, service accounts are subdomains.
+_DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_DNS_LABEL_RE = re.compile(_DNS_LABEL, re.ASCII)
+_DNS_LABEL_MAX = 63
+_DNS_SUBDOMAIN_RE = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*", re.ASCII)
+_DNS_SUBDOMAIN_MAX = 253
+
+# systemd unit names (systemd.unit(5)): ASCII letters, digits, ":", "-", "_", "." and the
+# backslash of escapes such as \x2d, one "@" before a template instance, at most 255 characters.
+# Services, scopes and slices are the units whose cgroup holds a workload; other unit types have
+# a cgroup at most while a helper of theirs runs (a socket's ExecStartPre, a mount helper).
+_UNIT_GLOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.\\@-*?")
+_UNIT_SUFFIXES = (".service", ".scope", ".slice")
+_UNIT_OTHER_TYPES = ("target", "socket", "timer", "path", "mount", "automount", "swap", "device")
+_UNIT_MAX = 255
+
+# Container ids are 64 lower-case hex digits in every runtime; a prefix of at least 12 is what
+# `docker ps` and `crictl ps` print, and is long enough not to match a second container by chance.
+_CONTAINER_ID_RE = re.compile(r"[0-9a-f]+", re.ASCII)
+_CONTAINER_ID_LEN = 64
+_CONTAINER_ID_MIN = 12
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _BOOL, _NULL, _MAP, _SEQ = (_TAG + t for t in ("str", "int", "bool", "null", "map", "seq"))
@@ -456,10 +503,260 @@ def _cidr_peer(r: _Reader, node: Node, where: str) -> CIDRPeer | None:
         return None
 
 
+def _systemd_unit_selector(r: _Reader, node: Node, where: str) -> Selector | None:
+    text = r.string(node, where)
+    if text is None:
+        return None
+    problem = _unit_glob_problem(text)
+    if problem is not None:
+        r.error(node, where, f"{_short(text)!r} is not a systemd unit name glob: {problem}")
+        return None
+    return Selector(systemd_unit=normalize_name_glob(text), line=_line(node))
+
+
+def _unit_glob_problem(glob: str) -> str | None:
+    """What is wrong with a unit name glob, as the rest of a sentence, or None."""
+    if len(glob) > _UNIT_MAX:
+        return f"longer than {_UNIT_MAX} characters, the limit for unit names"
+    bad = sorted(set(glob) - _UNIT_GLOB_CHARS)
+    if bad:
+        return (
+            f"{_or([repr(c) for c in bad])} cannot appear in a unit name (expected letters, digits, "
+            "':', '-', '_', '.', '\\', '@' and the wildcards * and ?)"
+        )
+    suffix = next((s for s in _UNIT_SUFFIXES if glob.endswith(s)), None)
+    if suffix is None:
+        stem, dot, unit_type = glob.rpartition(".")
+        fix = f"{stem}.service" if dot and unit_type in _UNIT_OTHER_TYPES else f"{glob.rstrip('.')}.service"
+        return (
+            "it must end in .service, .scope or .slice, the units whose cgroups the agent "
+            f"selects (did you mean {fix!r}?)"
+        )
+    if glob == suffix:
+        return f"no name before {suffix}"
+    if glob.count("@") > 1:
+        return "more than one '@' (a template instance is written 'name@instance.service')"
+    return None
+
+
+_KUBERNETES_KEYS = ("namespace", "namespaceSelector", "serviceAccount", "podSelector")
+
+
+def _kubernetes_selector(r: _Reader, node: Node, where: str) -> Selector | None:
+    """Pods by namespace (or namespace labels), service account and pod labels."""
+    fields = r.mapping(node, where, _KUBERNETES_KEYS)
+    if fields is None:
+        return None
+    if not fields:
+        if not node.value:  # unknown keys alone were already reported
+            r.error(
+                node,
+                where,
+                "an empty selector would select every pod on the node; give at least one of "
+                f"{_or(_KUBERNETES_KEYS)}, or write 'podSelector: {{}}' if every pod is really meant",
+            )
+        return None
+    before = len(r.errors)
+    namespace = service_account = None
+    namespace_selector = pod_selector = None
+    if "namespace" in fields and "namespaceSelector" in fields:
+        r.error(
+            fields["namespaceSelector"],
+            _at(where, "namespaceSelector"),
+            "cannot be combined with namespace (name the namespace, or select namespaces by their "
+            "labels, not both)",
+        )
+    if "namespace" in fields:
+        namespace = _dns_name(
+            r, fields["namespace"], _at(where, "namespace"), "namespace name", _DNS_LABEL_RE, _DNS_LABEL_MAX
+        )
+    if "namespaceSelector" in fields:
+        namespace_selector = _label_selector(r, fields["namespaceSelector"], _at(where, "namespaceSelector"))
+    if "serviceAccount" in fields:
+        service_account = _dns_name(
+            r,
+            fields["serviceAccount"],
+            _at(where, "serviceAccount"),
+            "service account name",
+            _DNS_SUBDOMAIN_RE,
+            _DNS_SUBDOMAIN_MAX,
+        )
+    if "podSelector" in fields:
+        pod_selector = _label_selector(r, fields["podSelector"], _at(where, "podSelector"))
+    if len(r.errors) > before:
+        return None
+    kubernetes = KubernetesSelector(
+        namespace=namespace,
+        namespace_selector=namespace_selector,
+        service_account=service_account,
+        pod_selector=pod_selector,
+    )
+    return Selector(kubernetes=kubernetes, line=_line(node))
+
+
+def _dns_name(
+    r: _Reader, node: Node, where: str, what: str, pattern: re.Pattern[str], limit: int
+) -> str | None:
+    """A Kubernetes object name: a DNS-1123 label or subdomain, as ``pattern`` says."""
+    text = r.string(node, where)
+    if text is None:
+        return None
+    if len(text) > limit or not pattern.fullmatch(text):
+        dots = ", '-' and '.'" if pattern is _DNS_SUBDOMAIN_RE else " and '-'"
+        r.error(
+            node,
+            where,
+            f"{_short(text)!r} is not a valid {what} (expected at most {limit} lower-case letters, "
+            f"digits{dots}, starting and ending with a letter or digit)",
+        )
+        return None
+    return text
+
+
+def _label_selector(r: _Reader, node: Node, where: str) -> LabelSelector | None:
+    """A Kubernetes label selector: the node types are checked here, where each node's line is
+    known; hostagent.identity.labels then validates the plain values exactly as the API server
+    would. Its error (the first one it finds) names a dotted location, which is mapped back to
+    the node it came from for the line."""
+    fields = r.mapping(node, where, ("matchLabels", "matchExpressions"))
+    if fields is None:
+        return None
+    before = len(r.errors)
+    nodes: dict[str, Node] = {where: node}
+    plain: dict[str, object] = {}
+    if "matchLabels" in fields:
+        at = _at(where, "matchLabels")
+        nodes[at] = fields["matchLabels"]
+        plain["matchLabels"] = _match_labels(r, fields["matchLabels"], at, nodes)
+    if "matchExpressions" in fields:
+        at = _at(where, "matchExpressions")
+        nodes[at] = fields["matchExpressions"]
+        plain["matchExpressions"] = _match_expressions(r, fields["matchExpressions"], at, nodes)
+    if len(r.errors) > before:
+        return None
+    try:
+        return parse_label_selector(plain, where)
+    except PolicyError as exc:
+        msg = str(exc)
+        at = max((loc for loc in nodes if msg.startswith(f"{loc}: ")), key=len, default=where)
+        r.error(nodes[at], "", msg)
+        return None
+
+
+def _match_labels(r: _Reader, node: Node, where: str, nodes: dict[str, Node]) -> dict[str, str] | None:
+    if not isinstance(node, MappingNode) or node.tag != _MAP:
+        hint = " (write {} for no labels, or leave matchLabels out)" if node.tag == _NULL else ""
+        r.error(node, where, f"expected a mapping of label keys to values, got {_describe(node)}{hint}")
+        return None
+    labels: dict[str, str] = {}
+    for key_node, value_node in node.value:
+        key = r.string(key_node, where)
+        if key is None:
+            continue
+        at = f"{where}[{_short(key)!r}]"  # as hostagent.identity.labels spells it
+        if key in labels:
+            r.error(key_node, at, "duplicate key")
+            continue
+        nodes.setdefault(at, key_node)
+        value = _label_string(r, value_node, at)
+        if value is not None:
+            labels[key] = value
+    return labels
+
+
+def _match_expressions(
+    r: _Reader, node: Node, where: str, nodes: dict[str, Node]
+) -> list[dict[str, object]] | None:
+    if node.tag == _NULL:
+        r.error(node, where, "expected a list of {key, operator, values} requirements, got an empty "
+                "value (null) (write [] for none, or leave matchExpressions out)")
+        return None
+    items = r.sequence(node, where, "{key, operator, values} requirements")
+    requirements: list[dict[str, object]] = []
+    for i, item in enumerate(items or ()):
+        at = f"{where}[{i}]"
+        nodes[at] = item
+        fields = r.mapping(item, at, ("key", "operator", "values"), required=("key", "operator"))
+        if fields is None:
+            continue
+        requirement: dict[str, object] = {}
+        for key in ("key", "operator"):
+            if key in fields:
+                nodes[_at(at, key)] = fields[key]
+                requirement[key] = r.string(fields[key], _at(at, key))
+        values = fields.get("values")
+        values_at = _at(at, "values")
+        if values is not None:
+            nodes[values_at] = values
+        if values is not None and values.tag != _NULL:  # null: as if left out, as the API server reads it
+            strings = []
+            for j, value in enumerate(r.sequence(values, values_at, "label values") or ()):
+                nodes[f"{values_at}[{j}]"] = value
+                strings.append(_label_string(r, value, f"{values_at}[{j}]"))
+            requirement["values"] = strings
+        requirements.append(requirement)
+    return requirements
+
+
+def _label_string(r: _Reader, node: Node, where: str) -> str | None:
+    if node.tag == _NULL:
+        r.error(node, where, "expected a string label value, got an empty value (null); write '' for an empty value")
+        return None
+    return r.string(node, where)
+
+
+def _container_selector(r: _Reader, node: Node, where: str) -> Selector | None:
+    """Containers by runtime id and/or Kubernetes container name."""
+    fields = r.mapping(node, where, ("id", "name"))
+    if fields is None:
+        return None
+    if not fields:
+        if not node.value:  # unknown keys alone were already reported
+            r.error(node, where, "expected id, name or both (an empty selector would select every container)")
+        return None
+    before = len(r.errors)
+    container_id = name = None
+    if "id" in fields:
+        container_id = _container_id(r, fields["id"], _at(where, "id"))
+    if "name" in fields:
+        name = _dns_name(
+            r, fields["name"], _at(where, "name"), "container name", _DNS_LABEL_RE, _DNS_LABEL_MAX
+        )
+    if len(r.errors) > before:
+        return None
+    return Selector(container=ContainerSelector(id=container_id, name=name), line=_line(node))
+
+
+def _container_id(r: _Reader, node: Node, where: str) -> str | None:
+    text = r.string(node, where)
+    if text is None:
+        return None
+    expected = (
+        f"expected the full {_CONTAINER_ID_LEN}-digit hex id, or a prefix of at least "
+        f"{_CONTAINER_ID_MIN} digits, in lower case"
+    )
+    scheme, sep, bare = text.partition("://")
+    if sep:
+        r.error(node, where, f"{_short(text)!r} is not a container id ({expected}); leave out {scheme + sep!r}")
+    elif _CONTAINER_ID_RE.fullmatch(text.lower()) and not _CONTAINER_ID_RE.fullmatch(text):
+        r.error(node, where, f"{_short(text)!r} is not a container id ({expected}); write {text.lower()!r}")
+    elif not _CONTAINER_ID_RE.fullmatch(text):
+        r.error(node, where, f"{_short(text)!r} is not a container id ({expected})")
+    elif not _CONTAINER_ID_MIN <= len(text) <= _CONTAINER_ID_LEN:
+        r.error(node, where, f"{_short(text)!r} has {len(text)} hex digits ({expected})")
+    else:
+        return text
+    return None
+
+
 # Kinds of selector and of peer, by YAML key. Each parser returns the model object or None after
-# recording an error.
+# recording an error. Policies of different selector kinds may select the same cgroup: the kind's
+# precedence (SelectorKind) decides, so only policies of one kind are checked against each other.
 _SELECTORS: dict[str, Callable[[_Reader, Node, str], Selector | None]] = {
     "cgroupPath": _cgroup_path_selector,
+    "systemdUnit": _systemd_unit_selector,
+    "kubernetes": _kubernetes_selector,
+    "container": _container_selector,
 }
 _PEERS: dict[str, Callable[[_Reader, Node, str], CIDRPeer | None]] = {
     "cidr": _cidr_peer,
@@ -664,11 +961,24 @@ def _candidate_pairs(group: list[_Parsed]) -> list[tuple[_Parsed, _Parsed]]:
 
 
 def _check_set(parsed: list[_Parsed]) -> list[PolicyError]:
-    """Names must be unique, and equal-specificity selectors must not select the same cgroup
-    (neither policy would take precedence, so the outcome would depend on load order)."""
+    """Names must be unique, and two policies of the same selector kind must not tie over a cgroup:
+    neither would take precedence, so the outcome would depend on load order.
+
+    Policies of different kinds never clash here: SelectorKind's precedence decides between them.
+    Within a kind, what can be decided from the text alone is an error:
+
+    * cgroupPath and systemdUnit: equal specificity and globs that can match the same path or
+      unit name (decided exactly, whether or not such a cgroup exists now);
+    * kubernetes: identical selectors (the same namespace, service account and label
+      requirements). Whether two different selectors ever match the same pod depends on labels
+      that change at runtime, so such ties are resolved by the agent when they happen: it fails
+      closed, giving the pod a deny-all "selector_conflict" binding, and reports the conflict;
+    * container: identical selectors, or the same name with ids of which one is a prefix of the
+      other (the shorter prefix selects every container the longer one does).
+    """
     errors: list[PolicyError] = []
     first_by_name: dict[str, _Parsed] = {}
-    by_specificity: dict[tuple[int, int], list[_Parsed]] = defaultdict(list)
+    by_kind: dict[SelectorKind, list[_Parsed]] = defaultdict(list)
     for p in parsed:
         if p.name is not None:
             first = first_by_name.setdefault(p.name, p)
@@ -683,7 +993,29 @@ def _check_set(parsed: list[_Parsed]) -> list[PolicyError]:
                 )
                 continue  # a copy of another policy: one error about it is enough
         if p.selector is not None:
-            by_specificity[specificity(p.selector.cgroup_path)].append(p)
+            by_kind[p.selector.kind].append(p)
+    errors.extend(_check_cgroup_paths(by_kind[SelectorKind.CGROUP_PATH]))
+    errors.extend(_check_systemd_units(by_kind[SelectorKind.SYSTEMD_UNIT]))
+    errors.extend(_check_kubernetes(by_kind[SelectorKind.KUBERNETES]))
+    errors.extend(_check_containers(by_kind[SelectorKind.CONTAINER]))
+    return errors
+
+
+def _clash(kind: str, a: _Parsed, b: _Parsed, what: str, fix: str) -> PolicyError:
+    """The error about ``b`` selecting what ``a`` (parsed earlier) already does."""
+    return PolicyError(
+        f"spec.selector.{kind}: policies {_label(a)} ({a.path}:{a.selector.line}) "  # type: ignore[union-attr]
+        f"and {_label(b)} {what}; {fix}",
+        path=b.path,
+        line=b.selector.line,  # type: ignore[union-attr]
+    )
+
+
+def _check_cgroup_paths(policies: list[_Parsed]) -> list[PolicyError]:
+    errors: list[PolicyError] = []
+    by_specificity: dict[tuple[int, int], list[_Parsed]] = defaultdict(list)
+    for p in policies:
+        by_specificity[specificity(p.selector.cgroup_path)].append(p)  # type: ignore[union-attr, arg-type]
     for spec, group in by_specificity.items():
         for a, b in _candidate_pairs(group):
             pa, pb = a.selector.cgroup_path, b.selector.cgroup_path  # type: ignore[union-attr]
@@ -695,15 +1027,135 @@ def _check_set(parsed: list[_Parsed]) -> list[PolicyError]:
             else:
                 what = f"both select {example!r} (patterns {pa!r} and {pb!r})"
             errors.append(
-                PolicyError(
-                    f"spec.selector.cgroupPath: policies {_label(a)} ({a.path}:{a.selector.line}) "  # type: ignore[union-attr]
-                    f"and {_label(b)} have equal specificity {spec} and {what}; "
+                _clash(
+                    "cgroupPath",
+                    a,
+                    b,
+                    f"have equal specificity {spec} and {what}",
                     "make one pattern more specific or merge the policies",
-                    path=b.path,
-                    line=b.selector.line,  # type: ignore[union-attr]
                 )
             )
     return errors
+
+
+def _check_systemd_units(policies: list[_Parsed]) -> list[PolicyError]:
+    """As for cgroup paths, with a unit name glob being a one-segment pattern."""
+    errors: list[PolicyError] = []
+    by_specificity: dict[tuple[int, int], list[_Parsed]] = defaultdict(list)
+    for p in policies:
+        by_specificity[name_glob_specificity(p.selector.systemd_unit)].append(p)  # type: ignore[union-attr, arg-type]
+    for spec, group in by_specificity.items():
+        # Two literal names overlap only if they are equal: compare globs with everything, and
+        # literal names only with their equals, to stay fast for many per-unit policies.
+        literal: dict[str, list[int]] = defaultdict(list)
+        wild: list[int] = []
+        for index, p in enumerate(group):
+            unit = p.selector.systemd_unit  # type: ignore[union-attr]
+            (wild if "*" in unit or "?" in unit else literal[unit]).append(index)  # type: ignore[operator]
+        pairs = {pair for indexes in literal.values() for pair in itertools.combinations(indexes, 2)}
+        pairs.update((min(w, i), max(w, i)) for w in wild for i in range(len(group)) if i != w)
+        for i, j in sorted(pairs):
+            a, b = group[i], group[j]
+            ua, ub = a.selector.systemd_unit, b.selector.systemd_unit  # type: ignore[union-attr]
+            example = name_glob_overlap_example(ua, ub)  # type: ignore[arg-type]
+            if example is None:
+                continue
+            what = f"both select {ua!r}" if ua == ub else f"both select {example!r} (patterns {ua!r} and {ub!r})"
+            errors.append(
+                _clash(
+                    "systemdUnit",
+                    a,
+                    b,
+                    f"have equal specificity {spec} and {what}",
+                    "make one pattern more specific or merge the policies",
+                )
+            )
+    return errors
+
+
+def _requirements(selector: LabelSelector | None) -> frozenset[tuple[str, str, tuple[str, ...]]]:
+    """What a label selector requires, with ``matchLabels`` entries written as the ``In``
+    requirements they are, so that equal requirements compare equal however they were spelt."""
+    if selector is None:
+        return frozenset()
+    labels = {(key, "In", (value,)) for key, value in selector.match_labels}
+    return frozenset(labels | {(q.key, q.operator, q.values) for q in selector.match_expressions})
+
+
+def _check_kubernetes(policies: list[_Parsed]) -> list[PolicyError]:
+    """Identical selectors only: see _check_set. Identical means the same specificity and the same
+    requirements, so an omitted podSelector and ``podSelector: {}`` are the same, and so are
+    ``matchLabels: {app: a}`` and ``{key: app, operator: In, values: [a]}``."""
+    errors: list[PolicyError] = []
+    first_by_key: dict[object, _Parsed] = {}
+    for p in policies:
+        k: KubernetesSelector = p.selector.kubernetes  # type: ignore[union-attr, assignment]
+        key = (
+            k.specificity(),
+            k.namespace,
+            k.service_account,
+            _requirements(k.namespace_selector),
+            _requirements(k.pod_selector),
+        )
+        first = first_by_key.setdefault(key, p)
+        if first is not p:
+            errors.append(
+                _clash(
+                    "kubernetes",
+                    first,
+                    p,
+                    "both select the same pods (their selectors state the same requirements)",
+                    "merge the policies, or make one selector more specific",
+                )
+            )
+    return errors
+
+
+def _check_containers(policies: list[_Parsed]) -> list[PolicyError]:
+    """Identical selectors, and ids one of which is a prefix of the other with the same name (or
+    both without one): these select the same container with the same specificity."""
+    errors: list[PolicyError] = []
+    by_name: dict[str | None, list[int]] = defaultdict(list)
+    first_without_id: dict[str | None, _Parsed] = {}
+    for index, p in enumerate(policies):
+        c: ContainerSelector = p.selector.container  # type: ignore[union-attr, assignment]
+        if c.id is not None:
+            by_name[c.name].append(index)
+            continue
+        first = first_without_id.setdefault(c.name, p)
+        if first is not p:
+            what = f"both select the containers named {c.name!r} (their selectors are identical)"
+            errors.append(_clash("container", first, p, what, "merge the policies"))
+    found: list[tuple[int, int]] = []
+    for indexes in by_name.values():
+        # Sorted by id, every id that starts with a given id directly follows it.
+        ordered = sorted(indexes, key=lambda i: (policies[i].selector.container.id, i))  # type: ignore[union-attr]
+        for n, i in enumerate(ordered):
+            prefix = policies[i].selector.container.id  # type: ignore[union-attr]
+            for j in ordered[n + 1 :]:
+                if not policies[j].selector.container.id.startswith(prefix):  # type: ignore[union-attr]
+                    break
+                found.append((min(i, j), max(i, j)))
+    for i, j in sorted(found):
+        a, b = policies[i], policies[j]
+        ca, cb = a.selector.container, b.selector.container  # type: ignore[union-attr]
+        if ca == cb:
+            what = f"both select the container {_container_text(ca)} (their selectors are identical)"
+            fix = "merge the policies"
+        else:
+            shorter, longer = sorted((ca, cb), key=lambda c: len(c.id))  # type: ignore[union-attr, arg-type]
+            what = (
+                f"both select the container {_container_text(longer)} with equal specificity "  # type: ignore[arg-type]
+                f"(id {shorter.id!r} is a prefix of {longer.id!r})"  # type: ignore[union-attr]
+            )
+            fix = "use the same id in both and merge the policies, or tell the containers apart by name"
+        errors.append(_clash("container", a, b, what, fix))
+    return errors
+
+
+def _container_text(c: ContainerSelector) -> str:
+    parts = [f"id {c.id!r}" if c.id is not None else "", f"named {c.name!r}" if c.name is not None else ""]
+    return " ".join(part for part in parts if part)
 
 
 def _finish(parsed: list[_Parsed], errors: list[PolicyError]) -> list[Policy]:

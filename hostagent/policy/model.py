@@ -12,7 +12,10 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-__all__ = ["Mode", "Protocol", "PortRange", "CIDRPeer", "EgressRule", "Selector", "Policy"]
+from hostagent.identity.labels import LabelSelector
+
+__all__ = ["Mode", "Protocol", "PortRange", "CIDRPeer", "EgressRule", "KubernetesSelector",
+           "ContainerSelector", "SelectorKind", "Selector", "Policy"]
 
 
 class Mode(enum.Enum):
@@ -74,11 +77,73 @@ class EgressRule:
 
 
 @dataclass(frozen=True, slots=True)
-class Selector:
-    """Which cgroups a policy selects: a normalised glob (see hostagent.policy.selector)."""
+class KubernetesSelector:
+    """Pods by Kubernetes identity; every given field must match (absent = any).
 
-    cgroup_path: str
+    Label selectors have Kubernetes semantics (hostagent.identity.labels). A pod is selected
+    only once its metadata is known; until then its cgroup gets the node's pending action.
+    """
+
+    namespace: str | None
+    namespace_selector: LabelSelector | None
+    service_account: str | None
+    pod_selector: LabelSelector | None
+
+    def specificity(self) -> int:
+        """How many requirements it states: with equal precedence, more requirements win."""
+        return ((self.namespace is not None) + (self.service_account is not None)
+                + (self.namespace_selector.specificity() if self.namespace_selector else 0)
+                + (self.pod_selector.specificity() if self.pod_selector else 0))
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSelector:
+    """Containers by runtime id (the full 64-hex id, or a prefix of at least 12 hex digits as
+    Docker prints them) and/or by name (a Kubernetes container name from the pod's status)."""
+
+    id: str | None
+    name: str | None
+
+    def specificity(self) -> int:
+        return (self.id is not None) + (self.name is not None)
+
+
+class SelectorKind(enum.Enum):
+    """The kinds of selector, strongest precedence first: when policies of different kinds
+    select the same cgroup, the narrower identity wins."""
+
+    CONTAINER = "container"
+    KUBERNETES = "kubernetes"
+    SYSTEMD_UNIT = "systemdUnit"
+    CGROUP_PATH = "cgroupPath"
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which cgroups a policy selects. Exactly one of the fields is set.
+
+    cgroup_path: a normalised glob over cgroup paths (hostagent.policy.selector).
+    systemd_unit: a glob over unit names ("agent-*.service"); selects the unit's own cgroup.
+    kubernetes: selects pod cgroups; their containers inherit.
+    container: selects container cgroups.
+    A selected cgroup governs its descendants unless one of them is selected itself.
+    """
+
     line: int
+    cgroup_path: str | None = None
+    systemd_unit: str | None = None
+    kubernetes: KubernetesSelector | None = None
+    container: ContainerSelector | None = None
+
+    @property
+    def kind(self) -> SelectorKind:
+        if self.container is not None:
+            return SelectorKind.CONTAINER
+        if self.kubernetes is not None:
+            return SelectorKind.KUBERNETES
+        if self.systemd_unit is not None:
+            return SelectorKind.SYSTEMD_UNIT
+        return SelectorKind.CGROUP_PATH
 
 
 @dataclass(frozen=True, slots=True)

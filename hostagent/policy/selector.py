@@ -37,6 +37,9 @@ __all__ = [
     "specificity",
     "patterns_overlap",
     "overlap_example",
+    "normalize_name_glob",
+    "name_glob_specificity",
+    "name_glob_overlap_example",
 ]
 
 GLOBSTAR = "**"
@@ -299,3 +302,37 @@ def _unwind_chars(parent: dict, state: tuple[int, int]) -> str:
         state, char = parent[state]
         chars.append(char)
     return "".join(reversed(chars))
+
+
+# --- globs over a single name -------------------------------------------------------------------
+#
+# Some selectors glob over a name rather than a path: systemd unit names ("agent-*.service"). A
+# name glob is what one path segment is: "*" matches any run of characters, "?" exactly one, and
+# every other character is literal. So its precedence and its overlap with another name glob are
+# those of the one-segment path pattern "/" + glob; they are computed here directly rather than
+# through the path functions because a path pattern reserves characters ("\\") that are ordinary in
+# names (systemd escapes "-" in unit names as "\\x2d"), and because "**" has no special meaning in
+# a name. Validating which characters a name may contain is left to the caller.
+
+
+def normalize_name_glob(glob: str) -> str:
+    """``glob`` with each run of wildcards written as its ``?``s followed by at most one ``*``
+    (as :func:`normalize_cgroup_pattern` does within a segment), so equal globs compare equal."""
+    return re.sub(
+        r"[*?]{2,}",
+        lambda m: "?" * m.group().count("?") + ("*" if "*" in m.group() else ""),
+        glob,
+    )
+
+
+def name_glob_specificity(glob: str) -> tuple[int, int]:
+    """:func:`specificity` of the one-segment pattern ``"/" + glob``: ``(1 if the glob has no
+    wildcard else 0, number of literal characters)``. So a literal name beats any glob that also
+    matches it, and otherwise the glob with more literal characters wins."""
+    literal_chars = sum(1 for c in glob if c not in _WILDCARDS)
+    return (0 if _WILDCARDS.intersection(glob) else 1, literal_chars)
+
+
+def name_glob_overlap_example(a: str, b: str) -> str | None:
+    """A shortest non-empty name matched by both name globs, or None if there is none (exact)."""
+    return _segment_example(normalize_name_glob(a), normalize_name_glob(b))
