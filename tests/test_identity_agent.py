@@ -227,3 +227,24 @@ def test_container_churn_frees_every_binding(node):
         rss.append(proc.memory_info().rss)
     # after warm-up, memory is flat: allow a little allocator noise, not per-container growth
     assert rss[-1] - rss[4] < 8 * 1024 * 1024, rss
+
+
+def test_static_pod_found_by_its_manifest_hash(node, listener, kube):
+    """kubelet names a static pod's cgroup after the manifest hash; the API's mirror pod has
+    another uid and carries the hash in an annotation."""
+    p = listener.ports
+    config_hash = "6c4b2f3e9a1d8b7c5e0f2a4d6b8c0e1f"
+    mirror = kube.add_pod("kube-system", "etcd-test-node", node=NODE, labels={"component": "etcd"})
+    kube.update_pod(mirror, annotations={"kubernetes.io/config.hash": config_hash,
+                                         "kubernetes.io/config.mirror": config_hash,
+                                         "kubernetes.io/config.source": "file"})
+    node.write_policy("k", doc("etcd", "    kubernetes:\n      namespace: kube-system\n"
+                               "      podSelector: {matchLabels: {component: etcd}}",
+                               allow(p["ok"])))
+    w = node.workload(POD_SLICE.format(config_hash))
+    node.start_agent()
+    assert w.verdict("connect", host="127.0.0.2", port=p["ok"]) == "ok"
+    assert w.verdict("connect", host="127.0.0.2", port=p["other"]) == "EPERM"
+    wl = node.wait_event(verdict="deny", policy="etcd")["workload"]
+    assert (wl["kind"], wl["namespace"], wl["pod"], wl["pending"]) == \
+        ("pod", "kube-system", "etcd-test-node", False)

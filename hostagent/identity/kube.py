@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -83,6 +84,13 @@ class PodInfo:
     # (container_id, runtime) for the same ids, sorted; the runtime is the containerID scheme
     # ("containerd", "cri-o", "docker") that tells how the id appears in cgroup paths.
     runtimes: tuple[tuple[str, str], ...] = ()
+    # Static pods: kubelet names their cgroup after the manifest hash, not the API uid; the
+    # mirror pod carries that hash in kubernetes.io/config.hash.
+    config_hash: str | None = None
+
+    def keys(self) -> set[str]:
+        """Every id a cgroup path may name this pod by."""
+        return {self.uid, self.config_hash} if self.config_hash else {self.uid}
 
     def label_dict(self) -> dict[str, str]:
         return dict(self.labels)
@@ -158,7 +166,16 @@ def parse_pod(obj: Mapping[str, Any]) -> PodInfo:
         phase=str(status.get("phase") or ""),
         resource_version=str(meta.get("resourceVersion") or ""),
         runtimes=tuple(sorted(runtimes.items())),
+        config_hash=_mirror_hash(meta),
     )
+
+
+def _mirror_hash(meta: Mapping[str, Any]) -> str | None:
+    annotations = meta.get("annotations") or {}
+    if "kubernetes.io/config.mirror" not in annotations:
+        return None   # only kubelet's mirror pods stand for a static pod
+    value = str(annotations.get("kubernetes.io/config.hash") or "").lower()
+    return value if re.fullmatch(r"[0-9a-f]{32}", value) else None
 
 
 def parse_namespace(obj: Mapping[str, Any]) -> NamespaceInfo:
@@ -408,8 +425,12 @@ class PodWatcher:
     # -- lookups ------------------------------------------------------------------------
 
     def pod(self, uid: str) -> PodInfo | None:
+        """A pod by its uid, or a static pod by its manifest hash (what its cgroup is named by)."""
         with self._lock:
-            return self._pods.get(uid)
+            info = self._pods.get(uid)
+            if info is None and len(uid) == 32:
+                info = next((p for p in self._pods.values() if p.config_hash == uid), None)
+            return info
 
     def pods(self) -> dict[str, PodInfo]:
         with self._lock:
@@ -452,7 +473,7 @@ class PodWatcher:
 
     def _uids_in(self, namespaces: Iterable[str]) -> set[str]:
         names = set(namespaces)
-        return {uid for uid, p in self._pods.items() if p.namespace in names}
+        return {k for p in self._pods.values() if p.namespace in names for k in p.keys()}
 
     def _replace_pods(self, items: list[dict[str, Any]]) -> set[str]:
         fresh: dict[str, PodInfo] = {}
@@ -462,8 +483,12 @@ class PodWatcher:
                 fresh[info.uid] = info
         with self._lock:
             old, self._pods = self._pods, fresh
-        return {uid for uid in old.keys() | fresh.keys()
-                if not _same_identity(old.get(uid), fresh.get(uid))}
+        changed = set()
+        for uid in old.keys() | fresh.keys():
+            before, after = old.get(uid), fresh.get(uid)
+            if not _same_identity(before, after):
+                changed |= (before or after).keys() | (after.keys() if after else set())
+        return changed
 
     def _apply_pod(self, kind: str, obj: dict[str, Any]) -> set[str]:
         info = self._parse(parse_pod, obj)
@@ -475,9 +500,9 @@ class PodWatcher:
             # ignored it, keeping such pods would attribute foreign identities to local ids
             if kind == "DELETED" or info.node != self._node:
                 self._pods.pop(info.uid, None)
-                return {info.uid} if old is not None else set()
+                return old.keys() | info.keys() if old is not None else set()
             self._pods[info.uid] = info
-        return set() if _same_identity(old, info) else {info.uid}
+        return set() if _same_identity(old, info) else info.keys() | (old.keys() if old else set())
 
     def _replace_namespaces(self, items: list[dict[str, Any]]) -> set[str]:
         fresh: dict[str, NamespaceInfo] = {}
