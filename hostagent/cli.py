@@ -88,6 +88,18 @@ def cmd_status(args) -> int:
         print(f"last reload: {'ok' if last.get('ok') else 'REJECTED'} at {when}")
         if not last.get("ok"):
             print("  " + str(last.get("error", "")).replace("\n", "\n  "))
+    ident = status.get("identity") or {}
+    if ident:
+        kube = ident.get("kubernetes", "disabled")
+        if kube == "disabled":
+            print(f"identity:    cgroup-derived only ({ident.get('note') or 'no Kubernetes API'})")
+        else:
+            print(f"identity:    Kubernetes pods of node {ident.get('node')}: {kube}, "
+                  f"{ident.get('pods', 0)} pods" +
+                  (f" (last error: {ident['last_error']})" if ident.get("last_error") else ""))
+        for path, names in (ident.get("conflicts") or {}).items():
+            print(f"  CONFLICT {path}: denied, selected with equal precedence by "
+                  f"{', '.join(names)}")
     for name, (used, cap) in (status.get("map_fill") or {}).items():
         print(f"map {name + ':':10s} {used}/{cap}")
     for p in status["programs"]:

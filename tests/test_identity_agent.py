@@ -170,6 +170,9 @@ def test_equal_precedence_tie_fails_closed_and_is_reported(node, listener, kube)
     status = json.loads((node.tmp / "state" / "status.json").read_text())
     assert status["identity"]["conflicts"] == {"/" + pod_cgroup(POD_UID): ["by-label", "by-namespace"]}
     assert "hostagent_selector_conflicts 1.0" in agent.scrape()[1]
+    out = node.hostagent("status").stdout
+    assert f"CONFLICT /{pod_cgroup(POD_UID)}: denied" in out and "by-label, by-namespace" in out, out
+    assert f"Kubernetes pods of node {NODE}: synced, 1 pods" in out, out
 
 
 def test_new_cgroup_is_bound_from_the_watch_not_the_resync(node, listener):
@@ -197,6 +200,8 @@ def test_no_cluster_means_cgroup_identity_only(node, listener):
     status = json.loads((node.tmp / "state" / "status.json").read_text())
     assert status["identity"]["kubernetes"] == "disabled"
     assert "cgroup-derived identity only" in status["identity"]["note"]
+    out = node.hostagent("status").stdout
+    assert "identity:    cgroup-derived only" in out, out
 
 
 def test_container_churn_frees_every_binding(node):
