@@ -253,3 +253,16 @@ def test_static_pod_found_by_its_manifest_hash(node, listener, kube):
     wl = node.wait_event(verdict="deny", policy="etcd")["workload"]
     assert (wl["kind"], wl["namespace"], wl["pod"], wl["pending"]) == \
         ("pod", "kube-system", "etcd-test-node", False)
+
+
+def test_pod_parents_are_pending_so_an_unbound_new_pod_inherits_pending(node, listener, kube):
+    """A pod cgroup the agent has not bound yet is judged through the kernel's ancestor walk:
+    kubelet's QoS slice carries the pending action, never the node default."""
+    p = listener.ports
+    node.write_policy("k", doc("summarizer", "    kubernetes:\n      namespace: payments",
+                               allow(p["ok"])))
+    w = node.workload("kubepods.slice/kubepods-burstable.slice")
+    node.start_agent()
+    assert w.verdict("connect", host="127.0.0.2", port=p["ok"]) == "EPERM"
+    e = node.wait_event(verdict="deny", reason="pending_identity")
+    assert e["workload"]["cgroup_path"] == "/kubepods.slice/kubepods-burstable.slice"

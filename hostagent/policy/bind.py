@@ -11,7 +11,9 @@ between cgroupPath or systemdUnit selectors never get this far: `policy check` r
 Identity-based selectors need to know the workload. A Kubernetes pod whose metadata the agent
 does not have yet (the pod watch has not delivered it, or is not synced) gets a *pending*
 binding whose verdict is the node's pendingAction, so a new pod is governed from its first
-connection rather than judged by nothing.
+connection rather than judged by nothing. kubelet's pod parents (kubepods.slice and its QoS
+slices, or /kubepods/... under cgroupfs) get the pending binding too: a pod cgroup the agent has
+not bound yet inherits it through the kernel's ancestor walk.
 
 bind() computes every cgroup; rebind() recomputes some paths and their descendants, which is
 what a new cgroup or a pod label change costs.
@@ -20,6 +22,7 @@ what a new cgroup or a pod label change costs.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +58,9 @@ class _Direct:
     policy: Policy | None = None
     conflict: tuple[str, ...] = ()   # names of the tied policies
     pending: bool = False
+    # kubelet's pod parents: pending only for what the kernel finds through them before the
+    # agent binds it; never inherited by cgroups the agent has bound
+    parent_only: bool = False
 
     @property
     def selects(self) -> bool:
@@ -125,6 +131,11 @@ class Binder:
                               for p in self._containers
                               if _container_matches(p.selector, layout.container_id, name)]
         if not found:
+            if self._pods and self._identify and _is_pod_parent(path):
+                # New pod cgroups appear here. Until the agent has bound one itself (inotify,
+                # within milliseconds) the kernel's ancestor walk lands on this binding: make
+                # that the pending action rather than the node default.
+                return _Direct(pending=True, parent_only=True)
             return _NOTHING
         best = max(rank for rank, _ in found)
         top = sorted(p.name for rank, p in found if rank == best)
@@ -199,7 +210,7 @@ class Binder:
             exempt = any(r.fullmatch(path) for r in self._exempt)
             parent = _parent(path)
             inherited = self._resolved.get(parent) if parent is not None else None
-            if not direct.selects and inherited is not None:
+            if not direct.selects and inherited is not None and not inherited[0].parent_only:
                 direct = inherited[0]
             if inherited is not None:
                 exempt = exempt or inherited[1]
@@ -226,6 +237,17 @@ class Binder:
         """The policy that governs a known cgroup (for events and status)."""
         hit = self._resolved.get(path)
         return hit[0].policy.name if hit and hit[0].policy else None
+
+
+_POD_PARENT_SLICE = re.compile(r"(?:[a-z0-9_]+-)?kubepods(?:-(?:burstable|besteffort))?\.slice")
+_POD_PARENT_DIRS = ("kubepods", "kubepods/burstable", "kubepods/besteffort")
+
+
+def _is_pod_parent(path: str) -> bool:
+    """kubelet's slices (systemd driver) or directories (cgroupfs) that pod cgroups are made in."""
+    if _POD_PARENT_SLICE.fullmatch(path.rsplit("/", 1)[-1]):
+        return True
+    return path.endswith(tuple("/" + d for d in _POD_PARENT_DIRS))
 
 
 def _glob_specificity(pattern: str) -> int:
