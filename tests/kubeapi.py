@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.harness import wait_for  # noqa: F401 - re-exported for the kube tests
+
 WAKE_INTERVAL = 0.05       # how often an idle watch re-checks drop/close flags
 DEFAULT_WATCH_TIMEOUT = 60  # the real server picks 30-60 min; tests always pass their own
 FIRST_RV = 1000
@@ -561,15 +563,3 @@ class _Handler(BaseHTTPRequestHandler):
             if remaining <= 0:
                 self._end()
                 return
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll until predicate() is truthy; AssertionError naming what after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
