@@ -266,3 +266,57 @@ def test_pod_parents_are_pending_so_an_unbound_new_pod_inherits_pending(node, li
     assert w.verdict("connect", host="127.0.0.2", port=p["ok"]) == "EPERM"
     e = node.wait_event(verdict="deny", reason="pending_identity")
     assert e["workload"]["cgroup_path"] == "/kubepods.slice/kubepods-burstable.slice"
+
+
+# Layouts as kubelet (systemd and cgroupfs drivers), containerd, CRI-O, cri-dockerd, Docker,
+# podman and systemd create them: (relative path, expected identity fields). Pod uids with
+# underscores under the systemd driver, dashes under cgroupfs.
+UID_G, UID_BE, UID_CF, UID_CRIO = (
+    "0b2f4a6c-1d3e-4f50-8a9b-0c1d2e3f4a5b", "1c3e5a7b-2d4f-4a61-9b0c-1d2e3f4a5b6c",
+    "2d4f6b8c-3e5a-4b72-8c1d-2e3f4a5b6c7d", "3e5a7c9d-4f6b-4c83-9d2e-3f4a5b6c7d8e")
+CID = {k: f"{i:x}" * 64 for i, k in enumerate(("g", "be", "cf", "crio", "dockerd"), start=10)}
+LAYOUTS = [
+    (f"kubepods.slice/kubepods-pod{UID_G.replace('-', '_')}.slice/cri-containerd-{CID['g']}.scope",
+     {"kind": "container", "pod_uid": UID_G, "container_id": CID["g"], "runtime": "containerd",
+      "namespace": "team-g", "pod": "guaranteed-0", "container": "app"}),
+    (f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_BE.replace('-', '_')}"
+     f".slice/docker-{CID['dockerd']}.scope",
+     {"kind": "container", "pod_uid": UID_BE, "container_id": CID["dockerd"], "runtime": "docker",
+      "namespace": "team-be", "pod": "besteffort-0"}),
+    (f"kubepods/burstable/pod{UID_CF}/{CID['cf']}",
+     {"kind": "container", "pod_uid": UID_CF, "container_id": CID["cf"], "namespace": "team-cf",
+      "pod": "cgroupfs-0", "container": "app"}),
+    (f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_CRIO.replace('-', '_')}"
+     f".slice/crio-{CID['crio']}.scope",
+     {"kind": "container", "pod_uid": UID_CRIO, "container_id": CID["crio"], "runtime": "cri-o",
+      "namespace": "team-crio", "pod": "crio-0", "container": "app"}),
+    (f"docker/{CID['g']}", {"kind": "container", "container_id": CID["g"], "runtime": "docker",
+                            "pod_uid": None, "namespace": None}),
+    (f"machine.slice/libpod-{CID['be']}.scope", {"kind": "container", "container_id": CID["be"],
+                                                  "runtime": "podman"}),
+    ("system.slice/nginx.service", {"kind": "service", "unit": "nginx.service"}),
+    ("system.slice/getty@tty1.service", {"kind": "service", "unit": "getty@tty1.service"}),
+    ("user.slice/user-1000.slice/session-3.scope", {"kind": "scope", "unit": "session-3.scope"}),
+    ("user.slice/user-1000.slice/user@1000.service/app.slice/editor.service",
+     {"kind": "service", "unit": "editor.service"}),
+    ("system.slice/nginx.service/worker-pool", {"kind": "service", "unit": "nginx.service"}),
+    ("batch/job-17", {"kind": "cgroup", "unit": None, "pod_uid": None, "container_id": None}),
+]
+PODS = {UID_G: ("team-g", "guaranteed-0", f"containerd://{CID['g']}"),
+        UID_BE: ("team-be", "besteffort-0", f"docker://{CID['dockerd']}"),
+        UID_CF: ("team-cf", "cgroupfs-0", f"containerd://{CID['cf']}"),
+        UID_CRIO: ("team-crio", "crio-0", f"cri-o://{CID['crio']}")}
+
+
+def test_every_layout_is_identified_in_events(node, listener, kube):
+    for uid, (ns, name, cid) in PODS.items():
+        kube.add_pod(ns, name, node=NODE, uid=uid, containers=[("app", cid)])
+    node.write_config(defaultAction="deny", kubernetes=kube.node_config)  # deny: an event each
+    workloads = [(node.workload(path), path, want) for path, want in LAYOUTS]
+    node.start_agent()
+    for w, path, want in workloads:
+        assert w.verdict("connect", host="127.0.0.2", port=listener.ports["ok"]) == "EPERM", path
+        wl = node.wait_event(verdict="deny", workload__pid=w.pid)["workload"]
+        assert wl["cgroup_path"] == "/" + path
+        got = {k: wl[k] for k in want}
+        assert got == want, path
