@@ -33,7 +33,7 @@ from hostagent.events.log import EventLog
 from hostagent.events.reader import DRAIN_INTERVAL, RingReader
 from hostagent.events.record import BootClock, to_dict
 from hostagent.identity.process import ProcessCache
-from hostagent.identity.resolver import IdentityResolver
+from hostagent.identity.resolver import IdentityResolver, Workload
 from hostagent.metrics.collector import AgentMetrics
 from hostagent.metrics.server import MetricsServer
 from hostagent.policy.bind import Binder
@@ -47,6 +47,9 @@ POLICY_POLL_INTERVAL = 1.0   # seconds between policy directory checks (SIGHUP f
 STATUS_INTERVAL = 1.0        # seconds between status.json refreshes
 PATH_REWALK_MIN = 0.05       # seconds: at most one cgroup walk per burst of unknown ids
 KUBE_SYNC_WAIT = 10.0        # seconds start waits for the first pod list before binding pods
+
+
+_IDENTITY_KEYS = tuple(k for k in Workload.event_keys() if k != "cgroup_id")
 
 
 class Phase(enum.Enum):
@@ -314,7 +317,12 @@ class Agent:
         paths = self.identity.pods_changed(uids)
         specs = self._binder.rebind(paths, self._cgroups)
         if specs:
-            self.enforcement.update_bindings(specs)
+            try:
+                self.enforcement.update_bindings(specs)
+            except HostAgentError as err:
+                # the previous bindings stay in force; the periodic resync tries again
+                log.error("rebinding %d cgroups of changed pods failed: %s", len(specs), err)
+                return
             log.info("rebound %d cgroups of %d changed pods", len(specs), len(uids))
 
     def _cgroup_path(self, cgid: int) -> str | None:
@@ -332,17 +340,20 @@ class Agent:
 
     def _identity_of(self, cgid: int) -> dict:
         path = self._cgroup_path(cgid)
-        if path is None:
-            return {"kind": None, "cgroup_path": None}
+        if path is None:   # removed before its event was read: every key, nothing guessed
+            return {key: None for key in _IDENTITY_KEYS}
         fields = self.identity.identify(path, cgid).as_event()
         fields.pop("cgroup_id", None)
         return fields
 
-    def _process_of(self, pid: int, comm: str) -> dict | None:
-        info = self._processes.lookup(pid, comm)
+    def _process_of(self, pid: int, tid: int, comm: str) -> dict | None:
+        info = self._processes.lookup(pid, comm, tid=tid)
         if info is None:
             return None
-        return {"exe": info.exe if info.matches_kernel else None, "ppid": info.ppid}
+        # a process that exec'd since the event is not the one that connected
+        if not info.matches_kernel:
+            return {"exe": None, "ppid": None}
+        return {"exe": info.exe, "ppid": info.ppid}
 
     def _on_event(self, e: abi.Event) -> None:
         event = to_dict(e, self._clock, self.enforcement.policy_name, self._rule_name,

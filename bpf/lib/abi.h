@@ -18,7 +18,7 @@
 
 #define HOSTAGENT_ABI_VERSION 1
 
-/* Ancestor levels remembered per socket; deeper cgroups are still matched by their own id. */
+/* Ancestor levels the kernel walks on a binding miss; deeper cgroups are matched by their own id. */
 #define MAX_CGROUP_DEPTH 16
 /* Port ranges one destination prefix can carry, after merging every rule that covers it. */
 #define MAX_PORT_RANGES 16

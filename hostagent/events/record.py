@@ -1,7 +1,7 @@
 """Kernel event records -> the event dictionaries users read (event log, later gRPC).
 
 Every event names the workload, the destination, the verdict, and the policy and rule behind
-it. docs/events.md describes each field; keep both in step.
+it. the README's event table describes each field; keep both in step.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def protocol_name(proto: int) -> str:
 def to_dict(e: abi.Event, clock: BootClock, policy_name: Callable[[int], str],
             rule_name: Callable[[int, int], str | None],
             identity: Callable[[int], dict],
-            process: Callable[[int, str], dict | None] | None = None) -> dict:
+            process: Callable[[int, int, str], dict | None] | None = None) -> dict:
     """One event record as the documented dictionary.
 
     identity(cgroup_id) gives the workload's identity fields (kind, namespace, pod, ..., cgroup
-    path); process(pid, comm) what user space adds about the process (exe, ppid). The kernel's
+    path); process(pid, tid, comm) what user space adds about the process (exe, ppid). The kernel's
     own fields (cgroup id, pid, tid, comm, uid, gid) are written last, so nothing looked up
     later can overwrite them.
     """
@@ -62,7 +62,8 @@ def to_dict(e: abi.Event, clock: BootClock, policy_name: Callable[[int], str],
         "hook": abi.Hook(e.hook).name.lower(),
         "workload": {
             **identity(e.cgroup_id),
-            **((process(e.pid, comm) if process and e.pid else None) or {"exe": None}),
+            **((process(e.pid, e.tid, comm) if process and e.pid else None)
+               or {"exe": None, "ppid": None}),
             "cgroup_id": e.cgroup_id,
             "pid": e.pid,
             "tid": e.tid,

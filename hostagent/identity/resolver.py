@@ -109,6 +109,10 @@ class Workload:
     spiffe_id: str | None = None
     pending: bool = False
 
+    @staticmethod
+    def event_keys() -> tuple[str, ...]:
+        return tuple(Workload(0, "/", "cgroup").as_event())
+
     def as_event(self) -> dict[str, Any]:
         """The identity fields of an event's "workload": every key present, None if unknown."""
         return {

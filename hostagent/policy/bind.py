@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from hostagent.bpf.abi import BindingMode
 from hostagent.identity.layout import parse_cgroup_path
 from hostagent.policy.model import Mode, Policy, Selector, SelectorKind
-from hostagent.policy.selector import compile_cgroup_pattern, specificity
+from hostagent.policy.selector import compile_cgroup_pattern, name_glob_specificity, specificity
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +108,11 @@ class Binder:
     # -- matching one cgroup ----------------------------------------------------------------------
 
     def _direct(self, path: str, cgid: int) -> _Direct:
-        found: list[tuple[tuple[int, int], Policy]] = []
+        found: list[tuple[tuple[int, ...], Policy]] = []
         for regex, spec, policy in self._paths:
             if regex.fullmatch(path):
-                found.append(((0, spec), policy))
+                found.append(((0, *spec), policy))
+        layout = None
         if self._units or self._pods or self._containers:
             layout = parse_cgroup_path(path)
             if layout.anchor == path:   # identity selectors pick a workload's own cgroup
@@ -119,19 +120,27 @@ class Binder:
                 if self._pods and layout.kind.value == "pod":
                     if workload is None or getattr(workload, "pending", False):
                         return _Direct(pending=True) if self._identify else _NOTHING
-                    found += [((2, p.selector.kubernetes.specificity()), p) for p in self._pods
-                              if self._pod_matches(p.selector, workload)]
-                if self._units and layout.unit and layout.kind.value in ("service", "scope", "slice"):
-                    found += [((1, _glob_specificity(p.selector.systemd_unit)), p)
+                    # without pod metadata (no cluster) a pod selector matches nothing rather
+                    # than judging empty labels: podSelector: {} must not mean "every cgroup"
+                    if getattr(workload, "namespace", None) is not None:
+                        found += [((2, p.selector.kubernetes.specificity()), p)
+                                  for p in self._pods if self._pod_matches(p.selector, workload)]
+                # Names inside a user's own systemd manager are the user's to choose: a user
+                # unit called sshd.service must not get sshd.service's policy.
+                if layout.delegated:
+                    pass
+                elif self._units and layout.unit and layout.kind.value in ("service", "scope",
+                                                                            "slice"):
+                    found += [((1, *name_glob_specificity(p.selector.systemd_unit)), p)
                               for p in self._units
                               if fnmatch.fnmatchcase(layout.unit, p.selector.systemd_unit)]
-                if self._containers and layout.kind.value == "container":
+                if self._containers and layout.kind.value == "container" and not layout.delegated:
                     name = getattr(workload, "container", None)
                     found += [((3, p.selector.container.specificity()), p)
                               for p in self._containers
                               if _container_matches(p.selector, layout.container_id, name)]
         if not found:
-            if self._pods and self._identify and _is_pod_parent(path):
+            if self._pods and self._identify and _is_pod_parent(path, layout):
                 # New pod cgroups appear here. Until the agent has bound one itself (inotify,
                 # within milliseconds) the kernel's ancestor walk lands on this binding: make
                 # that the pending action rather than the node default.
@@ -243,15 +252,14 @@ _POD_PARENT_SLICE = re.compile(r"(?:[a-z0-9_]+-)?kubepods(?:-(?:burstable|bestef
 _POD_PARENT_DIRS = ("kubepods", "kubepods/burstable", "kubepods/besteffort")
 
 
-def _is_pod_parent(path: str) -> bool:
-    """kubelet's slices (systemd driver) or directories (cgroupfs) that pod cgroups are made in."""
+def _is_pod_parent(path: str, layout) -> bool:
+    """kubelet's slices (systemd driver) or directories (cgroupfs) that pod cgroups are made in;
+    never a name found inside a unit, container or pod (those are the workload's to choose)."""
+    if layout is None or layout.anchor != path or layout.delegated:
+        return False
     if _POD_PARENT_SLICE.fullmatch(path.rsplit("/", 1)[-1]):
         return True
     return path.endswith(tuple("/" + d for d in _POD_PARENT_DIRS))
-
-
-def _glob_specificity(pattern: str) -> int:
-    return sum(1 for c in pattern if c not in "*?")
 
 
 def _container_matches(selector: Selector, container_id: str | None, name: str | None) -> bool:
