@@ -46,8 +46,8 @@ The cache is bounded at max_entries, least recently used out first, and indexed 
 pods_changed() costs the number of cgroups of the changed pods.
 
 Static pods: kubelet names their cgroups with the manifest hash, which is not the mirror pod's
-API UID (the hash is the pod's ``kubernetes.io/config.hash`` annotation, which PodInfo does not
-carry). They stay pending, without namespace or SPIFFE ID.
+API UID; PodWatcher.pod() also finds a mirror pod by its ``kubernetes.io/config.hash``, so the
+hash in the path resolves like a UID.
 
 Threads: identify, pods_changed and forget are for one thread (the agent's main loop); the
 watcher is read only through its thread-safe lookups. Its on_change callback runs on the
