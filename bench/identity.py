@@ -1,7 +1,9 @@
-"""Benchmark: how soon a new cgroup is governed, what identifying a workload costs, and how the
-agent's memory grows with the workloads it knows.
+"""Benchmark: new cgroup -> policy in force, identity lookup per event, memory per workload.
 
-    python -m bench.identity            # full run (~3-5 min), rewrites the generated section of
+How soon a new cgroup is governed, what identifying a workload costs, and how the agent's memory
+grows with the workloads it knows:
+
+    python -m bench.identity            # full run (~2-4 min), rewrites the generated section of
                                         #   docs/benchmarks-identity.md
     python -m bench.identity --quick    # smoke run (< 1 min, small sizes), prints the tables
     python -m bench.identity --from-results bench/results/identity-<stamp>.json
@@ -63,6 +65,10 @@ from bench.env import AgentFiles, AgentProcess, BenchError, Cleanup, run_cmd, st
 from hostagent import __version__ as hostagent_version
 from hostagent.bpf import abi, syscall
 from hostagent.cgroupfs import cgroup2_mount
+from hostagent.config import default_config
+from hostagent.events.record import BootClock, to_dict
+from hostagent.identity.layout import parse_cgroup_path
+from hostagent.identity.resolver import IdentityResolver
 
 log = logging.getLogger("bench.identity")
 
@@ -93,6 +99,12 @@ RSS_SETTLE = 3.0             # s after the last binding: status writes, metrics,
 RMDIR_RETRIES = 50           # x 20 ms: a cgroup a process just left can be busy for a moment
 PROBE_PORT_HOST = "127.0.0.2"
 
+# Passes of calls that leave no state behind (no-op, parse, hit, event records) go over the
+# paths this many times: a pass of 1,000 hits lasts ~0.5 ms, short enough for one interrupt or
+# context switch to move its figure by 10%. Misses cannot repeat (the second call would hit);
+# their passes last 5-40 ms anyway.
+STATELESS_REPEAT = 10
+
 CONTAINERS_PER_POD = 10
 NODE_NAME = "bench-node"
 NAMESPACE = "bench"
@@ -107,7 +119,7 @@ class Settings:
     memory_steps: tuple[int, ...]  # container cgroups present at each RSS reading
 
 
-FULL = Settings(bind_rounds=1000, bind_budget_s=900.0, pods=1000, lookup_reps=9,
+FULL = Settings(bind_rounds=1000, bind_budget_s=900.0, pods=1000, lookup_reps=15,
                 memory_steps=(0, 1000, 5000, 10000))
 QUICK = Settings(bind_rounds=100, bind_budget_s=60.0, pods=100, lookup_reps=3,
                  memory_steps=(0, 200, 500))
@@ -209,18 +221,20 @@ class U64Map:
 
 
 def poll_until(present: Callable[[], bool], deadline_ns: int) -> tuple[int, int, int] | None:
-    """Poll until present() holds: (CLOCK_MONOTONIC ns when it first held, polls made, ns of
-    the last poll that found it false, or 0 if the first one held), or None at the deadline.
-    The change happened between the last two: a sleep can overrun (the poller is descheduled),
-    so the pair bounds it where a nominal poll period would not."""
+    """Poll until present() holds: (CLOCK_MONOTONIC ns read after the lookup that found it,
+    polls made, ns read before the last lookup that did not, or 0 if the first one found it),
+    or None at the deadline. The change happened between the two. Each is read on the safe side
+    of its lookup: the poller can be descheduled around a syscall, so a clock read after a miss
+    would claim an absence later than the lookup saw it."""
     polls = 0
     last_miss = 0
     while True:
         polls += 1
+        before = time.monotonic_ns()
         if present():
             return time.monotonic_ns(), polls, last_miss
-        last_miss = time.monotonic_ns()
-        if last_miss > deadline_ns:
+        last_miss = before
+        if time.monotonic_ns() > deadline_ns:
             return None
         time.sleep(POLL_INTERVAL)
 
@@ -450,7 +464,7 @@ def _map_memlock(bpffs_dir: str) -> dict[str, dict]:
     return out
 
 
-# -- 1. cgroup creation -> binding -------------------------------------------------------------------
+# -- 1. cgroup creation -> binding -----------------------------------------------------------------
 
 def measure_binding(s: Settings, stack: Cleanup, run_root: str, tmp: Path, run_name: str,
                     seed: int) -> dict:
@@ -512,7 +526,8 @@ def measure_binding(s: Settings, stack: Cleanup, run_root: str, tmp: Path, run_n
             if variant == "floor":
                 path, m = os.path.join(floor_dir, f"f{r}"), floor_map
             else:
-                path, m = os.path.join(agents, f"{'c' if variant != 'agent' else 'w'}{r}"), bindings
+                prefix = "w" if variant == "agent" else "c"
+                path, m = os.path.join(agents, f"{prefix}{r}"), bindings
             row = _one_binding(path, m, worker if variant == "agent+connect" else None)
             row.update(round=r, position=pos, variant=variant)
             samples.append(row)
@@ -582,32 +597,23 @@ def _pod_slice(uid: str) -> str:
             f"kubepods-burstable-pod{uid.replace('-', '_')}.slice")
 
 
-def _timed(fn: Callable, calls: Sequence[tuple], reps: int,
-           setup: Callable[[], Callable] | None = None) -> list[float]:
-    """ns per call of fn(*args) over calls, once per repetition (gc off while timing, as
-    timeit does). With setup, each repetition times the callable setup() returns instead."""
-    out = []
-    for _ in range(reps):
-        f = setup() if setup is not None else fn
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter_ns()
-            for args in calls:
-                f(*args)
-            t1 = time.perf_counter_ns()
-        finally:
-            gc.enable()
-        out.append((t1 - t0) / len(calls))
-    return out
+def _timed_once(f: Callable, calls: Sequence[tuple]) -> float:
+    """ns per call of f(*args) over calls, with the collector off while timing (as timeit)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter_ns()
+        for args in calls:
+            f(*args)
+        t1 = time.perf_counter_ns()
+    finally:
+        gc.enable()
+    return (t1 - t0) / len(calls)
 
 
 def measure_lookup(s: Settings, tmp: Path, seed: int) -> dict:
-    from hostagent.config import default_config
-    from hostagent.events.record import BootClock, to_dict
+    # the official Kubernetes client is slow to import; only this part needs it
     from hostagent.identity.kube import PodWatcher, make_api_client
-    from hostagent.identity.layout import parse_cgroup_path
-    from hostagent.identity.resolver import IdentityResolver
 
     rng = random.Random(seed)
     n = s.pods
@@ -630,14 +636,14 @@ def measure_lookup(s: Settings, tmp: Path, seed: int) -> dict:
         try:
             if not watcher.wait_synced(KUBE_SYNC_TIMEOUT) or len(watcher.pods()) != n:
                 raise BenchError(f"PodWatcher did not sync {n} pods from the fake API")
-            return _lookup_loops(s, rng, pods, watcher, default_config(), IdentityResolver,
-                                 parse_cgroup_path, BootClock, to_dict)
+            return _lookup_loops(s, rng, pods, watcher)
         finally:
             watcher.stop()
 
 
-def _lookup_loops(s, rng, pods, watcher, cfg, IdentityResolver, parse_cgroup_path, BootClock,
-                  to_dict) -> dict:
+def _lookup_loops(s: Settings, rng: random.Random, pods: list[tuple[str, list[str]]],
+                  watcher) -> dict:
+    cfg = default_config()
     n = len(pods)
     kinds = {
         "kubepods container, pod known": [f"{_pod_slice(uid)}/cri-containerd-{cids[0]}.scope"
@@ -662,33 +668,27 @@ def _lookup_loops(s, rng, pods, watcher, cfg, IdentityResolver, parse_cgroup_pat
     def noop(_path, _cgid):
         return None
 
+    # (kind, column) -> (calls, make): make() gives the callable to time over calls; a fresh
+    # one per pass where the pass changes it (misses fill the cache)
+    tasks: dict[tuple[str, str], tuple[list, Callable[[], Callable]]] = {}
     rows = []
-    reps = s.lookup_reps
     for kind, paths in kinds.items():
         first = [(p, 10_000 + i) for i, p in enumerate(paths)]
         fillers = [(f"/filler/x{i}", 30_000 + i) for i in range(n)]
         second = [(p, 20_000 + i) for i, p in enumerate(paths)]
-        warm = resolver()
-        for p, c in first:
-            warm.identify(p, c)
-        sample = warm.identify(*first[0])
-        row = {
-            "kind": kind, "paths": n, "example": paths[0],
-            "workload": sample.as_event(),
-            "call_floor_ns": _timed(noop, first, reps),
-            "parse_ns": _timed(lambda p, _c: parse_cgroup_path(p), first, reps),
-            "hit_ns": _timed(warm.identify, first, reps),
-            # a full cache: every new path also evicts the least recently used one
-            "miss_ns": _timed(None, first, reps, setup=lambda: resolver().identify),
-            "miss_full_cache_ns": _timed(None, first, reps,
-                                         setup=lambda: _full(resolver(n), fillers).identify),
-            # same path, new cgroup id (made again; or pods_changed): layout kept, rest rebuilt
-            "rebuild_ns": _timed(None, second, reps, setup=lambda: _full(resolver(), first).identify),
-        }
-        rows.append(row)
-        log.info("identify, %s: hit %.0f ns, miss %.0f ns, parse alone %.0f ns", kind,
-                 statistics.median(row["hit_ns"]), statistics.median(row["miss_ns"]),
-                 statistics.median(row["parse_ns"]))
+        warm = _full(resolver(), first)
+        rows.append({"kind": kind, "paths": n, "example": paths[0],
+                     "workload": warm.identify(*first[0]).as_event()})
+        repeated = first * STATELESS_REPEAT
+        tasks[kind, "call_floor_ns"] = (repeated, lambda: noop)
+        tasks[kind, "parse_ns"] = (repeated, lambda: lambda p, _c: parse_cgroup_path(p))
+        tasks[kind, "hit_ns"] = (repeated, lambda w=warm: w.identify)
+        tasks[kind, "miss_ns"] = (first, lambda: resolver().identify)
+        # a full cache: every new path also evicts the least recently used one
+        tasks[kind, "miss_full_cache_ns"] = (
+            first, lambda f=fillers: _full(resolver(n), f).identify)
+        # same path, new cgroup id (made again; or pods_changed): layout kept, rest rebuilt
+        tasks[kind, "rebuild_ns"] = (second, lambda f=first: _full(resolver(), f).identify)
 
     # one event record end to end, as the daemon builds it (identity from a warm cache)
     paths = kinds["kubepods container, pod known"]
@@ -721,13 +721,32 @@ def _lookup_loops(s, rng, pods, watcher, cfg, IdentityResolver, parse_cgroup_pat
     def record_json(e):
         return json.dumps(record(e), separators=(",", ":"))
 
-    event = {
-        "identity_ns": _timed(identity_of, [(e.cgroup_id,) for (e,) in events], reps),
-        "to_dict_ns": _timed(record, events, reps),
-        "to_dict_json_ns": _timed(record_json, events, reps),
-        "example": record(events[0][0]),
-    }
-    return {"pods": n, "reps": reps, "kinds": rows, "event": event,
+    ids = [(e.cgroup_id,) for (e,) in events] * STATELESS_REPEAT
+    tasks["event", "identity_ns"] = (ids, lambda: identity_of)
+    tasks["event", "to_dict_ns"] = (events * STATELESS_REPEAT, lambda: record)
+    tasks["event", "to_dict_json_ns"] = (events * STATELESS_REPEAT, lambda: record_json)
+
+    # interleaved, as bench.run does: every pass runs every task once, in a fresh order, so a
+    # slow spell of the machine spreads over all columns instead of landing on one
+    timings: dict[tuple[str, str], list[float]] = {key: [] for key in tasks}
+    order = list(tasks)
+    for _ in range(s.lookup_reps):
+        rng.shuffle(order)
+        for key in order:
+            calls, make = tasks[key]
+            timings[key].append(_timed_once(make(), calls))
+    for row in rows:
+        for (kind, column), xs in timings.items():
+            if kind == row["kind"]:
+                row[column] = xs
+        log.info("identify, %s: hit %.0f ns, miss %.0f ns, parse alone %.0f ns", row["kind"],
+                 statistics.median(row["hit_ns"]), statistics.median(row["miss_ns"]),
+                 statistics.median(row["parse_ns"]))
+    event = {column: xs for (kind, column), xs in timings.items() if kind == "event"}
+    event["example"] = record(events[0][0])
+    reps = s.lookup_reps
+    return {"pods": n, "reps": reps, "stateless_repeat": STATELESS_REPEAT, "kinds": rows,
+            "event": event,
             "watcher_stats": watcher.stats}
 
 
@@ -737,7 +756,7 @@ def _full(r, calls):
     return r
 
 
-# -- 3. memory per 1,000 workloads --------------------------------------------------------------------
+# -- 3. memory per 1,000 workloads -----------------------------------------------------------------
 
 def measure_memory(s: Settings, stack: Cleanup, run_root: str, tmp: Path, run_name: str,
                    seed: int) -> dict:
@@ -753,76 +772,96 @@ def measure_memory(s: Settings, stack: Cleanup, run_root: str, tmp: Path, run_na
 
     files = AgentFiles(config=tmp / "mem.yaml", policy_dir=tmp / "mem-policies",
                        state_dir=tmp / "mem-state", bpffs_dir=f"/sys/fs/bpf/{run_name}-mem",
-                       cgroup_root=agent_root, log=tmp / "mem-agent.log")
+                       cgroup_root=agent_root, log=tmp / "memory-agent.log")
     _write_config(files, tmp / "mem-events.jsonl",
                   f"kubernetes: {{enabled: true, kubeconfig: {kubeconfig}, "
                   f"nodeName: {NODE_NAME}}}\n")
     _write_policy(files, "bench-pods", f"    kubernetes: {{namespace: {NAMESPACE}}}")
     agent = _start(stack, files)
-    bindings = _bindings(stack, files)
+    node = _Node(api, _bindings(stack, files), qos, files.state_dir / "status.json",
+                 random.Random(seed + 3))
     proc = psutil.Process(agent.pid)
-    status_path = files.state_dir / "status.json"
 
-    rng = random.Random(seed + 3)
-    made: list[tuple[str, int]] = []           # container cgroups: (path, id)
-    pod_dirs: list[str] = []
-    pod_uids: list[str] = []
+    def reading(**extra) -> dict:
+        time.sleep(RSS_SETTLE)
+        row = {"workloads": len(node.containers), "pods": len(node.pods), **extra,
+               **_memory(proc), "maps": _map_memlock(files.bpffs_dir)}
+        log.info("%d workloads in %d pods: RSS %.1f MiB (anonymous %.1f MiB)",
+                 row["workloads"], row["pods"], row["rss_bytes"] / 2**20,
+                 row["rss_anon_bytes"] / 2**20)
+        return row
+
     steps = []
     for target in s.memory_steps:
-        new = target - len(made)
-        if new % CONTAINERS_PER_POD:
-            raise BenchError(f"{target}: steps must be multiples of {CONTAINERS_PER_POD}")
+        steps.append(reading(bound_s=node.grow(target)))
+    # all gone again: does the agent give the memory back? And a second node's worth of new
+    # workloads: is what it kept reused (flat) or is it growing (a leak)?
+    after = reading(freed_s=node.remove_all())
+    regrown = reading(bound_s=node.grow(max(s.memory_steps)))
+    return {"containers_per_pod": CONTAINERS_PER_POD, "steps": steps, "after_removal": after,
+            "regrown": regrown, "agent_log_tail": agent.tail(20)}
+
+
+class _Node:
+    """Pods in the fake API and their cgroups under the memory agent's root, grown in batches
+    the way a node gets them: the pod object first, its cgroups after."""
+
+    def __init__(self, api, bindings: U64Map, qos: str, status_path: Path,
+                 rng: random.Random) -> None:
+        self.api, self.bindings, self.qos, self.status_path, self.rng = (
+            api, bindings, qos, status_path, rng)
+        self.containers: list[tuple[str, int]] = []     # (path, cgroup id)
+        self.pods: list[tuple[str, str]] = []           # (uid, pod cgroup path)
+        self._serial = 0
+
+    def grow(self, target: int) -> float:
+        """Add pods until target containers exist and are bound; seconds it took."""
+        new = target - len(self.containers)
+        if new < 0 or new % CONTAINERS_PER_POD:
+            raise BenchError(f"{target}: cannot grow from {len(self.containers)} in whole pods "
+                             f"of {CONTAINERS_PER_POD}")
         t0 = time.monotonic()
         batch = []
         for _ in range(new // CONTAINERS_PER_POD):
-            uid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-            cids = [_hex64(rng) for _ in range(CONTAINERS_PER_POD)]
-            api.add_pod(NAMESPACE, f"pod-{len(pod_uids)}", node=NODE_NAME, uid=uid,
-                        labels={"app": f"app-{len(pod_uids) % 50}", "tier": "backend"},
-                        containers=[(f"c{j}", f"containerd://{c}") for j, c in enumerate(cids)])
-            pod_uids.append(uid)
+            uid = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+            cids = [_hex64(self.rng) for _ in range(CONTAINERS_PER_POD)]
+            self.api.add_pod(NAMESPACE, f"pod-{self._serial}", node=NODE_NAME, uid=uid,
+                             labels={"app": f"app-{self._serial % 50}", "tier": "backend"},
+                             containers=[(f"c{j}", f"containerd://{c}")
+                                         for j, c in enumerate(cids)])
+            self._serial += 1
             batch.append((uid, cids))
-        # kubelet creates a pod's cgroups after the API has the pod; so does the bench, so
-        # that no cgroup is bound as pending and then rebound
-        _wait(lambda: _status(status_path).get("identity", {}).get("pods") == len(pod_uids),
-              KUBE_SYNC_TIMEOUT, f"the agent to list {len(pod_uids)} pods")
+        # kubelet creates a pod's cgroups after the API has the pod; so does the bench, so that
+        # no cgroup is bound as pending first and rebound when its pod arrives
+        want = len(self.pods) + len(batch)
+        _wait(lambda: _status(self.status_path).get("identity", {}).get("pods") == want,
+              KUBE_SYNC_TIMEOUT, f"the agent to list {want} pods")
+        first = len(self.containers)
         for uid, cids in batch:
-            pod_dir = os.path.join(qos, f"kubepods-burstable-pod{uid.replace('-', '_')}.slice")
+            pod_dir = os.path.join(self.qos,
+                                   f"kubepods-burstable-pod{uid.replace('-', '_')}.slice")
             os.mkdir(pod_dir)
-            pod_dirs.append(pod_dir)
+            self.pods.append((uid, pod_dir))
             for c in cids:
                 path = os.path.join(pod_dir, f"cri-containerd-{c}.scope")
                 os.mkdir(path)
-                made.append((path, os.stat(path).st_ino))
-        _wait_bound(bindings, [cgid for _, cgid in made[len(made) - new:]])
-        bound_s = time.monotonic() - t0
-        time.sleep(RSS_SETTLE)
-        step = {"workloads": target, "pods": len(pod_uids), "bound_s": bound_s,
-                **_rss(proc), "maps": _map_memlock(files.bpffs_dir),
-                "agent_cgroups": _status(status_path).get("cgroups")}
-        steps.append(step)
-        log.info("%d workloads in %d pods: bound in %.1f s, RSS %.1f MiB", target,
-                 len(pod_uids), bound_s, step["rss_bytes"] / 2**20)
+                self.containers.append((path, os.stat(path).st_ino))
+        _wait_bound(self.bindings, [cgid for _, cgid in self.containers[first:]])
+        return time.monotonic() - t0
 
-    # all gone again: does the agent give the memory back?
-    t0 = time.monotonic()
-    for path, _ in reversed(made):
-        rmdir_cgroup(path)
-    for d in pod_dirs:
-        rmdir_cgroup(d)
-    for uid in pod_uids:
-        api.delete_pod(uid)
-    ids = [cgid for _, cgid in made]
-    _wait(lambda: not any(bindings.contains(c) for c in ids), BOUND_TIMEOUT,
-          "the removed cgroups' bindings to be deleted")
-    freed_s = time.monotonic() - t0
-    time.sleep(RSS_SETTLE)
-    after = {"workloads": 0, "pods": 0, "freed_s": freed_s, **_rss(proc),
-             "maps": _map_memlock(files.bpffs_dir)}
-    log.info("all removed: bindings freed in %.1f s, RSS %.1f MiB", freed_s,
-             after["rss_bytes"] / 2**20)
-    return {"containers_per_pod": CONTAINERS_PER_POD, "steps": steps, "after_removal": after,
-            "agent_log_tail": agent.tail(20)}
+    def remove_all(self) -> float:
+        """Remove every cgroup and pod; seconds until the agent deleted their bindings."""
+        t0 = time.monotonic()
+        for path, _ in reversed(self.containers):
+            rmdir_cgroup(path)
+        for uid, pod_dir in self.pods:
+            rmdir_cgroup(pod_dir)
+            self.api.delete_pod(uid)
+        ids = [cgid for _, cgid in self.containers]
+        _wait(lambda: not any(self.bindings.contains(c) for c in ids), BOUND_TIMEOUT,
+              "the removed cgroups' bindings to be deleted")
+        self.containers, self.pods = [], []
+        return time.monotonic() - t0
 
 
 def _status(path: Path) -> dict:
@@ -860,17 +899,23 @@ def _wait_bound(bindings: U64Map, ids: list[int]) -> None:
         time.sleep(0.1)
 
 
-def _rss(proc) -> dict:
-    rss = []
+def _memory(proc) -> dict:
+    """RSS (median of RSS_SAMPLES readings), and its anonymous part from /proc/<pid>/status:
+    RSS and USS also move when other processes map or unmap the same shared libraries (LLVM,
+    via bcc: other agents on this machine), anonymous memory only with the agent's own heap."""
+    rss, anon = [], []
     for i in range(RSS_SAMPLES):
         if i:
             time.sleep(0.4)
         rss.append(proc.memory_info().rss)
+        fields = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ":" in line)
+        anon.append(int(fields["RssAnon"].split()[0]) * 1024)
     return {"rss_bytes": statistics.median(rss), "rss_samples": rss,
-            "uss_bytes": proc.memory_full_info().uss}
+            "rss_anon_bytes": statistics.median(anon), "rss_anon_samples": anon}
 
 
-# -- evaluation and report --------------------------------------------------------------------------
+# -- evaluation and report -------------------------------------------------------------------------
 
 def percentile(xs: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default); inf sorts last."""
@@ -965,9 +1010,9 @@ def evaluate(results: dict) -> dict:
         xs = [st["workloads"] for st in mem["steps"]]
         ys = [st["rss_bytes"] for st in mem["steps"]]
         slope = _slope(xs, ys)
+        anon = _slope(xs, [st["rss_anon_bytes"] for st in mem["steps"]])
         out["memory"] = {"kib_per_1000": slope * 1000 / 1024 if slope is not None else None,
-                         "uss_kib_per_1000": (_slope(xs, [st["uss_bytes"] for st in
-                                                          mem["steps"]]) or 0) * 1000 / 1024}
+                         "anon_kib_per_1000": anon * 1000 / 1024 if anon is not None else None}
     return out
 
 
@@ -1127,7 +1172,10 @@ def render(results: dict, raw: Path | str) -> str:
                 f"IdentityResolver.identify() in the bench's process, with a PodWatcher synced "
                 f"from the fake API server holding {lk['pods']:,} pods (2 containers each); "
                 f"{lk['pods']:,} distinct paths per kind, the median of {lk['reps']} timed "
-                "passes over them (gc off while timing). Baseline: parse_cgroup_path() of the "
+                f"passes over them (the call, parse and hit columns and the event rows go over "
+                f"them {lk.get('stateless_repeat', 1)} times per pass), interleaved, gc off "
+                "while timing. Baseline: "
+                "parse_cgroup_path() of the "
                 "same paths, the part of a miss that only depends on the path. \"call\" is "
                 "the loop and a call of a no-op function: the floor under every column.", "",
                 "| path kind | call | parse (baseline) | hit | miss | miss, cache full | "
@@ -1155,31 +1203,37 @@ def render(results: dict, raw: Path | str) -> str:
                 f"Pod containers (`cri-containerd-<id>.scope`, {mem['containers_per_pod']} per "
                 "pod) under kubepods.slice/kubepods-burstable.slice, their pods served by the "
                 "fake API, bound by a policy selecting the pods' namespace. RSS: median of "
-                f"{RSS_SAMPLES} readings after every new cgroup was bound; the 0 row is the "
-                "same agent before the first workload (the baseline).", "",
-                "| workloads | pods | RSS MiB | RSS over baseline MiB | USS MiB | bindings map "
-                "memlock | all maps memlock | time to bind them |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        base = mem["steps"][0]["rss_bytes"]
-        for st in mem["steps"] + [mem["after_removal"]]:
+                f"{RSS_SAMPLES} readings once every new cgroup was bound; anonymous: the "
+                "RssAnon part of it (the agent's own heap, not shared library pages). The 0 row "
+                "is the same agent before the first workload: the baseline.", "",
+                "| workloads | pods | RSS MiB | over baseline | anonymous MiB | over baseline | "
+                "bindings map memlock | all maps memlock | time to bind them |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        base, base_anon = mem["steps"][0]["rss_bytes"], mem["steps"][0]["rss_anon_bytes"]
+        rows = [(f"{st['workloads']:,}", st) for st in mem["steps"]]
+        rows.append(("0: all removed again", mem["after_removal"]))
+        if "regrown" in mem:
+            rows.append((f"{mem['regrown']['workloads']:,} new ones after that",
+                         mem["regrown"]))
+        for label, st in rows:
             maps = st["maps"]
             bm = maps.get(BINDINGS_PIN, {}).get("bytes_memlock")
             total = sum(x.get("bytes_memlock") or 0 for x in maps.values())
-            label = (f"{st['workloads']:,}" if st is not mem["after_removal"]
-                     else "0 (all removed)")
             took = (f"{st['bound_s']:.1f} s" if "bound_s" in st
                     else f"{st['freed_s']:.1f} s to free")
             out.append(f"| {label} | {st['pods']:,} | {_mib(st['rss_bytes'])} | "
-                       f"{(st['rss_bytes'] - base) / 2**20:+.1f} | {_mib(st['uss_bytes'])} | "
+                       f"{(st['rss_bytes'] - base) / 2**20:+.1f} | "
+                       f"{_mib(st['rss_anon_bytes'])} | "
+                       f"{(st['rss_anon_bytes'] - base_anon) / 2**20:+.1f} | "
                        f"{_mib(bm) + ' MiB' if bm is not None else 'n/a'} | "
                        f"{_mib(total)} MiB | {took} |")
         bmap = mem["steps"][0]["maps"].get(BINDINGS_PIN, {})
-        out += ["", f"Slope (least squares over the steps): **{m['kib_per_1000']:,.0f} KiB of "
-                f"RSS per 1,000 workloads** ({m['uss_kib_per_1000']:,.0f} KiB USS). The "
-                f"bindings map is a {bmap.get('type', '?')} map of "
+        out += ["", f"Slope (least squares over the growing steps): **{m['kib_per_1000']:,.0f} "
+                f"KiB of RSS per 1,000 workloads**, {m['anon_kib_per_1000']:,.0f} KiB of it "
+                f"anonymous. The bindings map is a {bmap.get('type', '?')} map of "
                 f"{bmap.get('max_entries') or 0:,} entries"
                 f"{' (flags ' + str(bmap.get('flags')) + ')' if bmap.get('flags') else ''}; its "
-                "memlock is what the kernel charges for it.", ""]
+                "memlock is what the kernel charges for it (bpftool's bytes_memlock).", ""]
     out.append(END)
     return "\n".join(out) + "\n"
 
@@ -1243,16 +1297,16 @@ def measure(s: Settings, seed: int, parts: set[str], results: dict) -> None:
             log.info("run %s: cgroups under %s", run_name, run_root)
             if "lookup" in parts:
                 results["lookup"] = measure_lookup(s, tmp, seed)
-            if "bind" in parts:
-                with Cleanup() as inner:
-                    results["binding"] = measure_binding(s, inner, run_root, tmp, run_name, seed)
-                _keep_log(tmp / "bind-agent.log", "identity-bind-agent-last.log")
-                if inner.failures:
-                    raise BenchError("cleanup failed: " + "; ".join(inner.failures))
-            if "memory" in parts:
-                with Cleanup() as inner:
-                    results["memory"] = measure_memory(s, inner, run_root, tmp, run_name, seed)
-                _keep_log(tmp / "mem-agent.log", "identity-mem-agent-last.log")
+            for part, key, fn in (("bind", "binding", measure_binding),
+                                  ("memory", "memory", measure_memory)):
+                if part not in parts:
+                    continue
+                try:
+                    with Cleanup() as inner:
+                        results[key] = fn(s, inner, run_root, tmp, run_name, seed)
+                finally:
+                    # the agent's log outlives the temp directory, failed runs included
+                    _keep_log(tmp / f"{part}-agent.log", f"identity-{part}-agent-last.log")
                 if inner.failures:
                     raise BenchError("cleanup failed: " + "; ".join(inner.failures))
         if stack.failures:
