@@ -20,13 +20,12 @@ from collections import deque
 
 import psutil
 
-
 from hostagent import __version__
 from hostagent.bpf import abi, loader
 from hostagent.bpf.bpffs import ensure_pin_dir
 from hostagent.cgroupfs import CgroupRoot, resolve_root
 from hostagent.cgroupwatch import CgroupWatcher
-from hostagent.config import NodeConfig
+from hostagent.config import DefaultAction, NodeConfig
 from hostagent.enforcement import Enforcement
 from hostagent.errors import ConfigError, HostAgentError, PolicyError
 from hostagent.events.log import EventLog
@@ -37,7 +36,6 @@ from hostagent.identity.resolver import IdentityResolver, Workload
 from hostagent.metrics.collector import AgentMetrics
 from hostagent.metrics.server import MetricsServer
 from hostagent.policy.bind import Binder
-from hostagent.bpf.abi import BindingMode
 from hostagent.policy.compile import Ruleset, compile_ruleset
 from hostagent.policy.load import load_policy_dir
 
@@ -49,6 +47,10 @@ PATH_REWALK_MIN = 0.05       # seconds: at most one cgroup walk per burst of unk
 KUBE_SYNC_WAIT = 10.0        # seconds start waits for the first pod list before binding pods
 
 
+# kubernetes.pendingAction -> the mode of a pending binding (bpf/lib/policy.h __fixed_verdict)
+_PENDING_MODES = {DefaultAction.ALLOW: abi.BindingMode.NONE,
+                  DefaultAction.AUDIT: abi.BindingMode.AUDIT,
+                  DefaultAction.DENY: abi.BindingMode.ENFORCE}
 _IDENTITY_KEYS = tuple(k for k in Workload.event_keys() if k != "cgroup_id")
 
 
@@ -225,8 +227,7 @@ class Agent:
         return self._cgroups
 
     def _new_binder(self, policies) -> Binder:
-        pending = {0: BindingMode.NONE, 1: BindingMode.NONE, 2: BindingMode.AUDIT,
-                   3: BindingMode.ENFORCE}[int(self.cfg.pending_action)]
+        pending = _PENDING_MODES[self.cfg.pending_action]
         return Binder(policies, self.cfg.metadata.exempt, identify=self.identity.identify,
                       namespace_labels=self._namespace_labels, pending_mode=pending)
 

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hostagent.identity.layout import CgroupIdentity, Kind, parse_cgroup_path
@@ -108,6 +108,8 @@ class Workload:
     unit: str | None = None
     spiffe_id: str | None = None
     pending: bool = False
+    # what the path said, for callers that match on it (the Binder); not part of the event
+    layout: CgroupIdentity | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def event_keys() -> tuple[str, ...]:
@@ -238,7 +240,7 @@ class IdentityResolver:
         base: dict[str, Any] = dict(
             cgroup_id=cgroup_id, cgroup_path=layout.path, kind=layout.kind.value,
             pod_uid=layout.pod_uid, container_id=layout.container_id, runtime=layout.runtime,
-            unit=layout.unit)
+            unit=layout.unit, layout=layout)
         if layout.pod_uid is not None:
             if self._pods is None:
                 return Workload(**base)

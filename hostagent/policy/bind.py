@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hostagent.bpf.abi import BindingMode
-from hostagent.identity.layout import parse_cgroup_path
+from hostagent.identity.layout import CgroupIdentity, Kind, parse_cgroup_path
 from hostagent.policy.model import Mode, Policy, Selector, SelectorKind
 from hostagent.policy.selector import compile_cgroup_pattern, name_glob_specificity, specificity
 
@@ -44,7 +44,7 @@ class BindingSpec:
     conflict: bool = False  # policies of equal precedence select it: denied, reported
 
 
-UNBOUND = BindingSpec(None, BindingMode.NONE, False, False)
+_UNIT_KINDS = (Kind.SERVICE, Kind.SCOPE, Kind.SLICE)
 
 # precedence of selector kinds, strongest first
 _RANK = {SelectorKind.CONTAINER: 3, SelectorKind.KUBERNETES: 2, SelectorKind.SYSTEMD_UNIT: 1,
@@ -89,7 +89,6 @@ class Binder:
                  identify: Callable[[str, int], object] | None = None,
                  namespace_labels: Callable[[str], Mapping[str, str] | None] | None = None,
                  pending_mode: BindingMode = BindingMode.ENFORCE) -> None:
-        self._policies = list(policies)
         self._paths = [(compile_cgroup_pattern(p.selector.cgroup_path),
                         specificity(p.selector.cgroup_path), p)
                        for p in policies if p.selector.kind is SelectorKind.CGROUP_PATH]
@@ -111,34 +110,26 @@ class Binder:
         found: list[tuple[tuple[int, ...], Policy]] = []
         for regex, spec, policy in self._paths:
             if regex.fullmatch(path):
-                found.append(((0, *spec), policy))
+                found.append(((_RANK[SelectorKind.CGROUP_PATH], *spec), policy))
         layout = None
         if self._units or self._pods or self._containers:
-            layout = parse_cgroup_path(path)
+            # the resolver caches the layout with the identity: a resync does not re-parse
+            workload = self._identify(path, cgid) if self._identify else None
+            layout = workload.layout if workload is not None else parse_cgroup_path(path)
             if layout.anchor == path:   # identity selectors pick a workload's own cgroup
-                workload = self._identify(path, cgid) if self._identify else None
-                if self._pods and layout.kind.value == "pod":
-                    if workload is None or getattr(workload, "pending", False):
-                        return _Direct(pending=True) if self._identify else _NOTHING
+                if self._pods and layout.kind is Kind.POD and workload is not None:
+                    if workload.pending:
+                        return _Direct(pending=True)
                     # without pod metadata (no cluster) a pod selector matches nothing rather
                     # than judging empty labels: podSelector: {} must not mean "every cgroup"
-                    if getattr(workload, "namespace", None) is not None:
-                        found += [((2, p.selector.kubernetes.specificity()), p)
+                    if workload.namespace is not None:
+                        rank = _RANK[SelectorKind.KUBERNETES]
+                        found += [((rank, p.selector.kubernetes.specificity()), p)
                                   for p in self._pods if self._pod_matches(p.selector, workload)]
                 # Names inside a user's own systemd manager are the user's to choose: a user
                 # unit called sshd.service must not get sshd.service's policy.
-                if layout.delegated:
-                    pass
-                elif self._units and layout.unit and layout.kind.value in ("service", "scope",
-                                                                            "slice"):
-                    found += [((1, *name_glob_specificity(p.selector.systemd_unit)), p)
-                              for p in self._units
-                              if fnmatch.fnmatchcase(layout.unit, p.selector.systemd_unit)]
-                if self._containers and layout.kind.value == "container" and not layout.delegated:
-                    name = getattr(workload, "container", None)
-                    found += [((3, p.selector.container.specificity()), p)
-                              for p in self._containers
-                              if _container_matches(p.selector, layout.container_id, name)]
+                if not layout.delegated:
+                    found += self._unit_and_container_matches(layout, workload)
         if not found:
             if self._pods and self._identify and _is_pod_parent(path, layout):
                 # New pod cgroups appear here. Until the agent has bound one itself (inotify,
@@ -151,6 +142,21 @@ class Binder:
         if len(top) > 1:
             return _Direct(conflict=tuple(top))
         return _Direct(policy=next(p for rank, p in found if rank == best))
+
+    def _unit_and_container_matches(self, layout: CgroupIdentity, workload
+                                    ) -> list[tuple[tuple[int, ...], Policy]]:
+        found: list[tuple[tuple[int, ...], Policy]] = []
+        if self._units and layout.unit and layout.kind in _UNIT_KINDS:
+            rank = _RANK[SelectorKind.SYSTEMD_UNIT]
+            found += [((rank, *name_glob_specificity(p.selector.systemd_unit)), p)
+                      for p in self._units
+                      if fnmatch.fnmatchcase(layout.unit, p.selector.systemd_unit)]
+        if self._containers and layout.kind is Kind.CONTAINER:
+            name = workload.container if workload is not None else None
+            rank = _RANK[SelectorKind.CONTAINER]
+            found += [((rank, p.selector.container.specificity()), p) for p in self._containers
+                      if _container_matches(p.selector, layout.container_id, name)]
+        return found
 
     def _pod_matches(self, selector: Selector, workload) -> bool:
         k = selector.kubernetes
@@ -242,14 +248,9 @@ class Binder:
         mode = BindingMode.AUDIT if policy.mode is Mode.AUDIT else BindingMode.ENFORCE
         return BindingSpec(policy.name, mode, exempt, policy.allow_raw_sockets)
 
-    def policy_of(self, path: str) -> str | None:
-        """The policy that governs a known cgroup (for events and status)."""
-        hit = self._resolved.get(path)
-        return hit[0].policy.name if hit and hit[0].policy else None
-
 
 _POD_PARENT_SLICE = re.compile(r"(?:[a-z0-9_]+-)?kubepods(?:-(?:burstable|besteffort))?\.slice")
-_POD_PARENT_DIRS = ("kubepods", "kubepods/burstable", "kubepods/besteffort")
+_POD_PARENT_DIRS = ("/kubepods", "/kubepods/burstable", "/kubepods/besteffort")
 
 
 def _is_pod_parent(path: str, layout) -> bool:
@@ -259,7 +260,7 @@ def _is_pod_parent(path: str, layout) -> bool:
         return False
     if _POD_PARENT_SLICE.fullmatch(path.rsplit("/", 1)[-1]):
         return True
-    return path.endswith(tuple("/" + d for d in _POD_PARENT_DIRS))
+    return path.endswith(_POD_PARENT_DIRS)
 
 
 def _container_matches(selector: Selector, container_id: str | None, name: str | None) -> bool:
