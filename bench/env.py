@@ -9,10 +9,12 @@ that dies half-way must not leave a program attached or an nft table hooked in.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import logging
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -70,11 +72,12 @@ class Cleanup(contextlib.ExitStack):
 def make_cgroup(stack: Cleanup, path: str) -> str:
     """Create a cgroup v2 directory; removed (after its processes are gone) on exit."""
     os.mkdir(path)
-    stack.defer(f"rmdir {path}", _rmdir_cgroup, path)
+    stack.defer(f"rmdir {path}", rmdir_cgroup, path)
     return path
 
 
-def _rmdir_cgroup(path: str) -> None:
+def rmdir_cgroup(path: str) -> None:
+    """rmdir a cgroup, waiting out EBUSY while its last processes are reaped; gone is fine."""
     for _ in range(RMDIR_RETRIES):
         try:
             os.rmdir(path)
@@ -321,3 +324,25 @@ def attached_programs(config: Path) -> dict[str, int]:
     if missing:
         raise BenchError(f"the agent reports enforcing but {', '.join(missing)} is not attached")
     return progs
+
+
+def host_facts(**extra) -> dict:
+    """What a results file records about the machine, plus the caller's own facts."""
+    from hostagent import __version__ as hostagent_version
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "hostagent": hostagent_version,
+        **extra,
+        "loadavg_start": os.getloadavg(),
+    }

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import select
 import shlex
@@ -61,8 +60,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import stats
-from bench.env import AgentFiles, AgentProcess, BenchError, Cleanup, run_cmd, start_agent
-from hostagent import __version__ as hostagent_version
+from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, host_facts,
+                       rmdir_cgroup, run_cmd, start_agent)
+from bench.report import update_docs as _update_docs
+from hostagent.bpf.syscall import raw as _bpf
 from hostagent.bpf import abi, syscall
 from hostagent.cgroupfs import cgroup2_mount
 from hostagent.config import default_config
@@ -96,7 +97,6 @@ KUBE_SYNC_TIMEOUT = 60.0     # s for the agent (status.json, written every 1 s) 
 BOUND_TIMEOUT = 300.0        # s for 10,000 new cgroups to be bound (~1 ms each seen here)
 RSS_SAMPLES = 5              # RSS readings per memory step, 0.4 s apart; the median is kept
 RSS_SETTLE = 3.0             # s after the last binding: status writes, metrics, GC settle
-RMDIR_RETRIES = 50           # x 20 ms: a cgroup a process just left can be busy for a moment
 PROBE_PORT_HOST = "127.0.0.2"
 
 # Passes of calls that leave no state behind (no-op, parse, hit, event records) go over the
@@ -127,18 +127,15 @@ QUICK = Settings(bind_rounds=100, bind_budget_s=60.0, pods=100, lookup_reps=3,
 
 # -- bpf(2): the map commands the bench needs ------------------------------------------------------
 # hostagent.bpf.syscall wraps pins, links and object info (the agent reads maps through bcc);
-# the bench needs lookups in a tight poll loop and a map of its own for the floor watcher.
+# the bench needs lookups in a tight poll loop (syscall.raw: no exception per miss) and a map
+# of its own for the floor watcher.
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_TYPE_HASH = 1
 BPF_ANY = 0
-
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
 
 
 class _MapCreateAttr(ct.Structure):
@@ -152,14 +149,6 @@ class _MapCreateAttr(ct.Structure):
 class _MapElemAttr(ct.Structure):
     _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
                 ("value", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
-def _bpf(cmd: int, attr: ct.Structure) -> int:
-    """The raw syscall: its result, or -errno."""
-    if _SYS_BPF is None:
-        raise BenchError(f"bpf(2) syscall number unknown for {platform.machine()}")
-    ret = _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
-    return ret if ret >= 0 else -ct.get_errno()
 
 
 class U64Map:
@@ -240,20 +229,6 @@ def poll_until(present: Callable[[], bool], deadline_ns: int) -> tuple[int, int,
 
 
 # -- cgroups ---------------------------------------------------------------------------------------
-
-def rmdir_cgroup(path: str) -> None:
-    for _ in range(RMDIR_RETRIES):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            if err.errno != errno.EBUSY:
-                raise
-            time.sleep(0.02)
-    raise BenchError(f"{path} still busy")
-
 
 def remove_cgroup_tree(root: str) -> None:
     """Every cgroup below root (deepest first), then root; processes found in one are moved to
@@ -1238,34 +1213,6 @@ def render(results: dict, raw: Path | str) -> str:
     return "\n".join(out) + "\n"
 
 
-def update_docs(path: Path, generated: str) -> None:
-    """Replace the generated block of path, keeping the hand-written text around it."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head = text[:text.index(BEGIN)]
-        tail = text[text.index(END) + len(END):].lstrip("\n")
-        text = head + generated + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + generated
-    path.write_text(text)
-
-
-# -- the run ---------------------------------------------------------------------------------------
-
-def host_facts() -> dict:
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
-                "%Y-%m-%d %H:%M UTC"),
-            "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "hostagent": hostagent_version,
-            "loadavg_start": os.getloadavg()}
-
-
 def leftovers(run_name: str) -> list[str]:
     """What of this run still exists: cgroups, bpffs pins, temp dirs, and processes (the
     agents and helpers all carry the run's name in their command line)."""
@@ -1359,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.from_results.read_text())
         results["evaluation"] = evaluate(results)
         raw = args.from_results.resolve()
-        update_docs(args.docs or DOCS,
+        _update_docs(args.docs or DOCS,
                     render(results, raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw))
         log.info("wrote %s from %s", args.docs or DOCS, raw)
         return 0
@@ -1396,7 +1343,7 @@ def main(argv: list[str] | None = None) -> int:
     raw.write_text(json.dumps(results, indent=1, default=_json_default))
     text = render(results, raw.relative_to(REPO))
     if docs is not None:
-        update_docs(docs, text)
+        _update_docs(docs, text, BEGIN, END)
         log.info("wrote %s", docs)
     else:
         print(text)

@@ -289,12 +289,12 @@ def _s(x: float | None) -> str:
     return "never" if x is None else f"{x:.2f} s"
 
 
-def update_docs(path: Path, generated: str) -> None:
+def update_docs(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the generated block of path (or append one), keeping the text around it."""
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head = text[:text.index(BEGIN)]
-        tail = text[text.index(END) + len(END):].lstrip("\n")
+    if begin in text and end in text:
+        head = text[:text.index(begin)]
+        tail = text[text.index(end) + len(end):].lstrip("\n")
         text = head + generated + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + generated

@@ -30,7 +30,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import random
 import re
 import shlex
@@ -44,10 +43,10 @@ from pathlib import Path
 
 from bench import report, rules, workload
 from bench.env import (AgentFiles, BenchError, Cleanup, attached_programs, bpf_stats_enabled,
+                       host_facts,
                        cgroup_level, load_nft_table, make_cgroup, make_netns, nft_cgroup_path,
                        prog_stats, run_cmd, start_agent, write_agent_config)
 from bench.workload import Place, Watch
-from hostagent import __version__ as hostagent_version
 from hostagent.cgroupfs import cgroup2_mount
 
 log = logging.getLogger("bench")
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": dataclasses.asdict(settings),
         "targets": TARGETS,
         "seed": args.seed,
-        "host": host_facts(),
+        "host": host_facts(nft=run_cmd(["nft", "--version"]).stdout.strip()),
     }
     try:
         measure(settings, args.cpu, args.seed, results)
@@ -179,26 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_exit(signum, _frame):
     raise SystemExit(128 + signum)
-
-
-def host_facts() -> dict:
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    nft = run_cmd(["nft", "--version"]).stdout.strip()
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "kernel": platform.release(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "hostagent": hostagent_version,
-        "nft": nft,
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:

@@ -84,13 +84,19 @@ class ProgInfo(ct.Structure):
     ]
 
 
-def _bpf(cmd: int, attr: ct.Structure, what: str) -> int:
+def raw(cmd: int, attr: ct.Structure) -> int:
+    """bpf(2) itself: its result, or -errno. For callers that poll and expect failures (the
+    benchmarks' map lookups); everything else goes through _bpf, which raises."""
     if _SYS_BPF is None:
         raise KernelError(f"bpf(2) syscall number unknown for {platform.machine()}")
     ret = _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
+    return ret if ret >= 0 else -ct.get_errno()
+
+
+def _bpf(cmd: int, attr: ct.Structure, what: str) -> int:
+    ret = raw(cmd, attr)
     if ret < 0:
-        err = ct.get_errno()
-        raise KernelError(f"{what}: {os.strerror(err)}", errno=err)
+        raise KernelError(f"{what}: {os.strerror(-ret)}", errno=-ret)
     return ret
 
 
