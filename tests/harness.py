@@ -206,7 +206,10 @@ class TestNode:
     def events(self) -> list[dict]:
         if not self.event_log.exists():
             return []
-        return [json.loads(line) for line in self.event_log.read_text().splitlines() if line]
+        text = self.event_log.read_text()
+        # a line still being appended has no newline yet: read it on the next poll
+        complete = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     def wait_event(self, timeout: float = 5, **match) -> dict:
         """The first event whose fields match (nested keys as workload__pid=...)."""
