@@ -33,6 +33,7 @@ from hostagent.errors import ConfigError
 
 __all__ = [
     "DefaultAction",
+    "DnsConfig",
     "MetadataConfig",
     "NAT64_PREFIX",
     "NodeConfig",
@@ -98,6 +99,73 @@ class MetadataConfig:
         return tuple(dict.fromkeys(networks))
 
 
+# Answers in these ranges are dropped unless the workload's policy allows the range (rebinding).
+_DEFAULT_REBIND_PROTECT = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8",
+                           "169.254.0.0/16", "100.64.0.0/10", "fc00::/7", "fe80::/10", "::1/128",
+                           "0.0.0.0/8", "::/128", "::ffff:0:0/96")
+
+# Well-known public DNS-over-HTTPS / DNS-over-TLS services: their addresses are denied to governed
+# workloads (any port) unless a rule names the address, and their names are refused unless a
+# rule lists the exact fqdn. packaging/hostagent.yaml lists the same entries; a test compares.
+_DEFAULT_ENCRYPTED_DNS_ENDPOINTS = (
+    "1.1.1.1/32", "1.0.0.1/32", "1.1.1.2/32", "1.0.0.2/32", "1.1.1.3/32", "1.0.0.3/32",
+    "2606:4700:4700::1111/128", "2606:4700:4700::1001/128",
+    "8.8.8.8/32", "8.8.4.4/32", "2001:4860:4860::8888/128", "2001:4860:4860::8844/128",
+    "9.9.9.9/32", "149.112.112.112/32", "9.9.9.11/32", "149.112.112.11/32",
+    "2620:fe::fe/128", "2620:fe::9/128",
+    "208.67.222.222/32", "208.67.220.220/32", "2620:119:35::35/128", "2620:119:53::53/128",
+    "94.140.14.14/32", "94.140.15.15/32", "2a10:50c0::ad1:ff/128", "2a10:50c0::ad2:ff/128",
+    "185.228.168.9/32", "185.228.169.9/32", "76.76.2.0/32", "76.76.10.0/32",
+    "45.90.28.0/32", "45.90.30.0/32",
+)
+_DEFAULT_ENCRYPTED_DNS_NAMES = (
+    "cloudflare-dns.com", "mozilla.cloudflare-dns.com", "one.one.one.one", "1dot1dot1dot1.cloudflare-dns.com",
+    "security.cloudflare-dns.com", "family.cloudflare-dns.com",
+    "dns.google", "dns.google.com", "dns64.dns.google",
+    "dns.quad9.net", "dns9.quad9.net", "dns10.quad9.net", "dns11.quad9.net",
+    "doh.opendns.com", "dns.opendns.com", "doh.familyshield.opendns.com",
+    "dns.adguard.com", "dns.adguard-dns.com", "dns-unfiltered.adguard.com",
+    "doh.cleanbrowsing.org", "dns.nextdns.io", "doh.mullvad.net", "dns.mullvad.net",
+    "doh.dns.sb", "dns.alidns.com", "doh.pub", "dns.controld.com",
+)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """The node's DNS resolver (hostagent.dns) and the kernel redirect to it.
+
+    Durations are seconds. ``upstreams == ()`` means the nameservers of /etc/resolv.conf, read
+    once at start (the stub of systemd-resolved is replaced by its real upstreams).
+    """
+
+    enabled: bool = True
+    listen: tuple[str, int] = ("127.0.0.53", 53)
+    upstreams: tuple[tuple[str, int], ...] = ()
+    rebind_protect: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(c)
+                                                  for c in _DEFAULT_REBIND_PROTECT)
+    ttl_min: int = 5
+    ttl_max: int = 3600
+    ttl_grace: int = 30
+    refused_rcode: str = "REFUSED"  # or NXDOMAIN
+    fqdn_pattern_min_labels: int = 2  # fixed labels a fqdnPattern needs: "*.com" has 1
+    emit_allowed: bool = True  # an event for every answered query, not only refused ones
+    rate_limit_qps: float = 100.0  # per workload (cgroup), token bucket
+    rate_limit_burst: int = 200
+    tunnel_max_label_length: int = 52  # a longer label is refused as a tunnel outright
+    tunnel_entropy_min_length: int = 24  # labels at least this long are checked for entropy
+    tunnel_entropy_bits: float = 3.8  # Shannon bits per character above which they are refused
+    tunnel_max_unique_subdomains: int = 200  # distinct names under one zone per workload ...
+    tunnel_window: float = 60.0  # ... within this many seconds
+    encrypted_dns_endpoints: tuple[IPNetwork, ...] = tuple(
+        ipaddress.ip_network(c) for c in _DEFAULT_ENCRYPTED_DNS_ENDPOINTS)
+    encrypted_dns_names: tuple[str, ...] = _DEFAULT_ENCRYPTED_DNS_NAMES
+    encrypted_dns_ports: tuple[int, ...] = (853,)  # DNS over TLS / QUIC, to any address
+    cache_size: int = 10000  # answers
+    max_allowances: int = 65536  # kernel map: (workload, address) pairs opened by answers
+    socket_mark: int = 0x48410053  # SO_MARK of the resolver's upstream sockets; never redirected
+    upstream_timeout: float = 2.0
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """The validated node config. Build it with load_config() or default_config()."""
@@ -122,6 +190,7 @@ class NodeConfig:
     trust_domain: str = "cluster.local"
     unit_spiffe_template: str = "spiffe://{trustDomain}/node/{node}/unit/{unit}"
     container_spiffe_template: str = "spiffe://{trustDomain}/node/{node}/container/{containerId}"
+    dns: DnsConfig = DnsConfig()
     source: str | None = None  # the file it was loaded from; None for defaults only
 
 
@@ -233,6 +302,49 @@ def _event_log(value: object) -> str | None:
     return converters.absolute_path(value)
 
 
+def _dns_listen(value: object) -> tuple[str, int]:
+    host, port = converters.host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: the resolver listens on an IP address, not a host name") from None
+    return host, port
+
+
+def _upstream(value: object) -> tuple[str, int]:
+    """"10.0.0.2", "10.0.0.2:53", "[fd00::2]:53": an address; the port defaults to 53."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value)), 53
+        except ValueError:
+            pass
+    return _dns_listen(value)
+
+
+def _rcode(value: object) -> str:
+    return converters.one_of(("REFUSED", "NXDOMAIN"))(value)
+
+
+def _dns_name(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(
+            r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.?",
+            value.lower()):
+        raise ValueError(f"{value!r}: not a DNS name in A-label form")
+    return value.lower().rstrip(".")
+
+
+def _bounded_int(lo: int, hi: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"{value!r}: expected an integer from {lo} to {hi}")
+        return value
+    return convert
+
+
+def _bounded_float(lo: float, hi: float) -> Callable[[object], float]:
+    return lambda value: converters.seconds(value, lo, hi)
+
+
 def _resync_interval(value: object) -> float:
     return converters.seconds(value, _RESYNC_MIN, _RESYNC_MAX)
 
@@ -285,6 +397,30 @@ _ATTRS: Mapping[str, str] = types.MappingProxyType({
     "identity.trustDomain": "trust_domain",
     "identity.unitSpiffeTemplate": "unit_spiffe_template",
     "identity.containerSpiffeTemplate": "container_spiffe_template",
+    "dns.enabled": "dns.enabled",
+    "dns.listen": "dns.listen",
+    "dns.upstreams": "dns.upstreams",
+    "dns.rebindProtect": "dns.rebind_protect",
+    "dns.ttl.min": "dns.ttl_min",
+    "dns.ttl.max": "dns.ttl_max",
+    "dns.ttl.grace": "dns.ttl_grace",
+    "dns.refusedRcode": "dns.refused_rcode",
+    "dns.fqdnPatternMinLabels": "dns.fqdn_pattern_min_labels",
+    "dns.emitAllowed": "dns.emit_allowed",
+    "dns.rateLimit.qps": "dns.rate_limit_qps",
+    "dns.rateLimit.burst": "dns.rate_limit_burst",
+    "dns.tunnel.maxLabelLength": "dns.tunnel_max_label_length",
+    "dns.tunnel.entropyMinLength": "dns.tunnel_entropy_min_length",
+    "dns.tunnel.entropyBitsPerChar": "dns.tunnel_entropy_bits",
+    "dns.tunnel.maxUniqueSubdomains": "dns.tunnel_max_unique_subdomains",
+    "dns.tunnel.window": "dns.tunnel_window",
+    "dns.encryptedDns.endpoints": "dns.encrypted_dns_endpoints",
+    "dns.encryptedDns.names": "dns.encrypted_dns_names",
+    "dns.encryptedDns.ports": "dns.encrypted_dns_ports",
+    "dns.cacheSize": "dns.cache_size",
+    "dns.maxAllowances": "dns.max_allowances",
+    "dns.socketMark": "dns.socket_mark",
+    "dns.upstreamTimeout": "dns.upstream_timeout",
 })
 
 
@@ -315,6 +451,31 @@ def _schema() -> _Section:
         "identity": _Section({"trustDomain": _trust_domain,
                               "unitSpiffeTemplate": _spiffe_template("unit"),
                               "containerSpiffeTemplate": _spiffe_template("container")}),
+        "dns": _Section({
+            "enabled": converters.boolean,
+            "listen": _dns_listen,
+            "upstreams": _ListOf(_upstream),
+            "rebindProtect": _ListOf(converters.cidr),
+            "ttl": _Section({"min": _bounded_int(0, 86400), "max": _bounded_int(1, 604800),
+                             "grace": _bounded_int(0, 3600)}),
+            "refusedRcode": _rcode,
+            "fqdnPatternMinLabels": _bounded_int(1, 10),
+            "emitAllowed": converters.boolean,
+            "rateLimit": _Section({"qps": _bounded_float(0.1, 1e6),
+                                   "burst": _bounded_int(1, 10**6)}),
+            "tunnel": _Section({"maxLabelLength": _bounded_int(8, 63),
+                                "entropyMinLength": _bounded_int(4, 63),
+                                "entropyBitsPerChar": _bounded_float(1.0, 6.0),
+                                "maxUniqueSubdomains": _bounded_int(1, 10**6),
+                                "window": _bounded_float(1.0, 86400.0)}),
+            "encryptedDns": _Section({"endpoints": _ListOf(converters.cidr),
+                                      "names": _ListOf(_dns_name),
+                                      "ports": _ListOf(_bounded_int(1, 65535))}),
+            "cacheSize": _bounded_int(0, 10**7),
+            "maxAllowances": _bounded_int(16, 2**24),
+            "socketMark": _bounded_int(1, 2**32 - 1),
+            "upstreamTimeout": _bounded_float(0.05, 30.0),
+        }),
     })
 
 
@@ -514,11 +675,19 @@ def load_config(path: str | os.PathLike[str] | None,
     config = default_config()
     top: dict[str, object] = {}
     metadata: dict[str, object] = {}
+    dns: dict[str, object] = {}
     for dotted, value in values.items():
         attr = _ATTRS[dotted]
         if attr.startswith("metadata."):
             metadata[attr.removeprefix("metadata.")] = value
+        elif attr.startswith("dns."):
+            dns[attr.removeprefix("dns.")] = value
         else:
             top[attr] = value
+    dns_config = dataclasses.replace(config.dns, **dns)
+    if dns_config.ttl_min > dns_config.ttl_max:
+        raise ConfigError(f"{source or 'config'}: dns.ttl: min ({dns_config.ttl_min}) is above "
+                          f"max ({dns_config.ttl_max})")
     return dataclasses.replace(
-        config, **top, metadata=dataclasses.replace(config.metadata, **metadata), source=source)
+        config, **top, metadata=dataclasses.replace(config.metadata, **metadata), dns=dns_config,
+        source=source)

@@ -571,8 +571,9 @@ def test_schema_and_attribute_table_agree():
                 yield prefix + key
 
     assert sorted(leaves(schema)) == sorted(module._ATTRS)
-    fields = {f.name for f in dataclasses.fields(NodeConfig)} - {"metadata", "source"}
+    fields = {f.name for f in dataclasses.fields(NodeConfig)} - {"metadata", "dns", "source"}
     fields |= {"metadata." + f.name for f in dataclasses.fields(MetadataConfig)}
+    fields |= {"dns." + f.name for f in dataclasses.fields(module.DnsConfig)}
     assert sorted(module._ATTRS.values()) == sorted(fields)
 
 
