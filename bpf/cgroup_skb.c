@@ -8,6 +8,8 @@
  *     a flow (a TCP SYN, any UDP datagram) from a socket whose cgroup is not the sender's — a
  *     socket passed over SCM_RIGHTS, a task moved after socket(), an MPTCP subflow opened by a
  *     kernel worker — is judged again here by the socket's own cgroup, and dropped if denied.
+ * It also records who sends each UDP datagram and TCP SYN addressed to the node resolver
+ * (bpf/lib/dns.h), the only thing that tells the resolver which workload asked.
  * Everything else (packets of flows already judged, replies from request and timewait sockets)
  * passes after a few field reads, before any map lookup.
  */
@@ -77,6 +79,7 @@ int skb_egress(struct __sk_buff *skb)
 	if (!raw) {
 		if (sk->protocol != IPPROTO_UDP && sk->state != BPF_TCP_SYN_SENT)
 			return SKB_PASS;
+		__dns_record_sender(skb, a.cgroup_id);
 		if (a.cgroup_id == bpf_get_current_cgroup_id())
 			return SKB_PASS;
 	}
@@ -93,11 +96,11 @@ int skb_egress(struct __sk_buff *skb)
 		if (d.verdict == VERDICT_DENY)
 			return SKB_DROP;
 		/* allowRawSockets lets a workload send raw packets anywhere but to metadata */
-		__decide(b, a.daddr, a.dport, __proto_bit(a.protocol), &d);
+		__decide(b, a.cgroup_id, a.daddr, a.dport, __proto_bit(a.protocol), &d);
 		if (d.reason != REASON_METADATA_BLOCK)
 			return SKB_PASS;
 	} else {
-		__decide(b, a.daddr, a.dport, __proto_bit(a.protocol), &d);
+		__decide(b, a.cgroup_id, a.daddr, a.dport, __proto_bit(a.protocol), &d);
 		/* A plain socket outside any policy keeps the node default its sender got at
 		 * connect; what the backstop adds for it is the metadata block. */
 		if (d.reason == REASON_NODE_DEFAULT)

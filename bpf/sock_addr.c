@@ -2,6 +2,8 @@
 /*
  * connect4/connect6/sendmsg4/sendmsg6: every TCP and UDP destination a process names passes
  * here, TCP Fast Open and io_uring connects included. A denied call fails at once with EPERM.
+ * Governed workloads' DNS is sent to the node resolver here too; recvmsg4/6 and getpeername4/6
+ * only undo that rewrite for what the workload sees (bpf/lib/dns.h).
  */
 #undef HOSTAGENT_FILE_ID
 #define HOSTAGENT_FILE_ID FILE_SOCK_ADDR
@@ -21,6 +23,7 @@
 static __always_inline int __sock_addr(struct bpf_sock_addr *ctx, __u8 hook, int v6)
 {
 	struct emit_args a = { .hook = hook, .in_task = 1 };
+	struct binding *b;
 	struct decision d;
 
 	a.cgroup_id = bpf_get_current_cgroup_id();
@@ -41,7 +44,9 @@ static __always_inline int __sock_addr(struct bpf_sock_addr *ctx, __u8 hook, int
 	a.dport = bpf_ntohs((__u16)ctx->user_port);
 	a.protocol = ctx->protocol;
 
-	__decide(__binding_of_current(a.cgroup_id), a.daddr, a.dport, __proto_bit(ctx->protocol), &d);
+	b = __binding_of_current(a.cgroup_id);
+	if (!__dns_redirect(ctx, b, &a, v6, &d))
+		__decide(b, a.cgroup_id, a.daddr, a.dport, __proto_bit(ctx->protocol), &d);
 	__emit(ctx, &d, &a);
 	return d.verdict == VERDICT_DENY ? SOCK_ADDR_DENY : SOCK_ADDR_ALLOW;
 }
@@ -64,4 +69,29 @@ int sock4_sendmsg(struct bpf_sock_addr *ctx)
 int sock6_sendmsg(struct bpf_sock_addr *ctx)
 {
 	return __sock_addr(ctx, HOOK_SENDMSG6, 1);
+}
+
+/* recvmsg and getpeername programs must return 1: they rewrite what is shown, never refuse. */
+int sock4_recvmsg(struct bpf_sock_addr *ctx)
+{
+	__dns_unredirect(ctx, 0);
+	return 1;
+}
+
+int sock6_recvmsg(struct bpf_sock_addr *ctx)
+{
+	__dns_unredirect(ctx, 1);
+	return 1;
+}
+
+int sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+	__dns_unredirect(ctx, 0);
+	return 1;
+}
+
+int sock6_getpeername(struct bpf_sock_addr *ctx)
+{
+	__dns_unredirect(ctx, 1);
+	return 1;
 }

@@ -102,3 +102,16 @@ def resolve_root(configured: str, mountinfo: str = "/proc/self/mountinfo") -> Cg
     if not os.path.isdir(path):
         raise SetupError(f"cgroupRoot {configured!r} does not exist")
     return CgroupRoot(path, max(inside, key=len))
+
+
+def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """The cgroup v2 id of this process (the "0::" line of /proc/self/cgroup), 0 if unknown."""
+    try:
+        with open(proc_cgroup, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    rel = line[3:].rstrip("\n")
+                    return os.stat(os.path.join(root.mount, rel.lstrip("/"))).st_ino
+    except OSError:
+        pass
+    return 0

@@ -49,7 +49,8 @@ def cmd_policy_check(args) -> int:
 
     cfg = _config(args)
     try:
-        policies = load_policy_dir(args.dir)
+        # the node's own limit, so that check accepts exactly what the agent would load
+        policies = load_policy_dir(args.dir, fqdn_min_labels=cfg.dns.fqdn_pattern_min_labels)
         compile_policies(policies, cfg.metadata.blocked_networks())
     except HostAgentError as err:
         print(err, file=sys.stderr)

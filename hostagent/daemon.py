@@ -23,14 +23,16 @@ import psutil
 from hostagent import __version__
 from hostagent.bpf import abi, loader
 from hostagent.bpf.bpffs import ensure_pin_dir
-from hostagent.cgroupfs import CgroupRoot, resolve_root
+from hostagent.cgroupfs import CgroupRoot, own_cgroup_id, resolve_root
 from hostagent.cgroupwatch import CgroupWatcher
 from hostagent.config import DefaultAction, NodeConfig
 from hostagent.enforcement import Enforcement
+from hostagent.dns import DnsCollector, Resolver, system_upstreams
 from hostagent.errors import ConfigError, HostAgentError, PolicyError
 from hostagent.events.log import EventLog
 from hostagent.events.reader import DRAIN_INTERVAL, RingReader
 from hostagent.events.record import BootClock, to_dict
+from hostagent.fqdn import Allowances, DnsGate
 from hostagent.identity.process import ProcessCache
 from hostagent.identity.resolver import IdentityResolver, Workload
 from hostagent.metrics.collector import AgentMetrics
@@ -60,8 +62,10 @@ class Phase(enum.Enum):
     STOPPING = "stopping"
 
 
-def compile_policies(policies, metadata_networks) -> dict[str, Ruleset]:
-    return {p.name: compile_ruleset(p, metadata_networks) for p in policies}
+def compile_policies(policies, protected_networks) -> dict[str, Ruleset]:
+    """protected_networks: metadata and encrypted-DNS endpoints; only rules naming them open
+    them (RULE_NAMED)."""
+    return {p.name: compile_ruleset(p, protected_networks) for p in policies}
 
 
 def policy_dir_snapshot(path: str) -> tuple:
@@ -110,6 +114,9 @@ class Agent:
         self._processes = ProcessCache()
         self.kube_note: str | None = None       # why Kubernetes metadata is off, for status
         self.metrics = AgentMetrics(self)
+        self.allowances: Allowances | None = None
+        self.dns_gate: DnsGate | None = None
+        self.resolver: Resolver | None = None
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -143,13 +150,16 @@ class Agent:
         log.info("programs compiled and loaded in %.2fs", time.monotonic() - t0)
         self.enforcement = Enforcement(self.programs, cfg.state_dir, cfg.max_rules,
                                        cfg.max_cgroups)
-        self.enforcement.write_metadata(cfg.metadata.blocked_networks())
+        self.enforcement.write_protected(
+            cfg.metadata.blocked_networks(),
+            cfg.dns.encrypted_dns_endpoints if cfg.dns.enabled else ())
         if error is None:
             self._install(policies, new_generation=True)
         else:
             # A previous agent's policy is pinned and still enforced; keep it rather than
             # replace it with nothing. The error is reported and the next valid edit applies.
             self._report_reload_failure(error)
+        self._start_dns()
         for line in self.programs.attach(self.root):
             log.info("%s", line)
         for program in loader.PROGRAMS:
@@ -169,6 +179,65 @@ class Agent:
         log.info("enforcing (generation %d) in %.2fs, %.2fs after the process started",
                  self.enforcement.state.generation, time.monotonic() - t0,
                  time.time() - psutil.Process().create_time())
+
+    def _start_dns(self) -> None:
+        """The node resolver, listening before the kernel is told to send DNS to it: a query
+        redirected earlier would find nothing there and fail, not escape."""
+        cfg = self.cfg.dns
+        self.allowances = Allowances(self.programs, self.enforcement, cfg.ttl_grace,
+                                     cfg.max_allowances)
+        self.enforcement.extra_fill["fqdn"] = lambda: (len(self.allowances),
+                                                        self.allowances.capacity)
+        if not cfg.enabled:
+            self.enforcement.write_dns_config(None, cfg.socket_mark, 0, ())
+            return
+        self.dns_gate = DnsGate(self.programs, self.enforcement, self.allowances, cfg,
+                                self.cfg.default_action, self._binding_of)
+        self.enforcement.on_rebind = self._on_rebind
+        upstreams = cfg.upstreams or system_upstreams()
+        self.resolver = Resolver(cfg, self.dns_gate, upstreams=upstreams)
+        self.resolver.start()
+        self.metrics.registry.register(DnsCollector(self.resolver))
+        self.enforcement.write_dns_config(self.resolver.address, cfg.socket_mark,
+                                          own_cgroup_id(self.root), cfg.encrypted_dns_ports)
+        log.info("DNS resolver on %s:%d, upstreams %s", *self.resolver.address,
+                 ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
+
+    def _binding_of(self, cgid: int) -> tuple | None:
+        """The binding the kernel finds for a cgroup: its own, else its nearest bound
+        ancestor's (a cgroup created since the last bind). Called from the resolver thread."""
+        b = self.enforcement.binding(cgid)
+        if b is not None:
+            return b
+        path = self._paths.get(cgid)
+        while path and path != "/":
+            path = path.rsplit("/", 1)[0] or "/"
+            parent = self._cgroups.get(path)
+            if parent is not None and (b := self.enforcement.binding(parent)) is not None:
+                return b
+        return None
+
+    def _on_rebind(self, cgids: set[int]) -> None:
+        """Bindings changed: the resolver forgets what it decided, and DNS allowances keep
+        only what the new policy still allows."""
+        if self.resolver is not None:
+            self.resolver.invalidate()
+        gone = {c for c in cgids if self.enforcement.binding(c) is None}
+        self.allowances.forget(gone)
+        self.allowances.rebound(cgids - gone, self.dns_gate.recheck)
+
+    def _drain_dns_events(self) -> None:
+        gate = self.dns_gate
+        if gate is None:
+            return
+        while gate.events:
+            event = gate.events.popleft()
+            workload = event.get("workload") or {}
+            cgid = workload.get("cgroup_id")
+            if cgid is not None:
+                event["workload"] = {**self._identity_of(cgid), **workload}
+            self.metrics.events.labels(event.get("verdict") or "unknown").inc()
+            self._events.write(event)
 
     def _start_identity(self) -> None:
         """Pod metadata from the Kubernetes API when there is a cluster; cgroup-derived
@@ -205,11 +274,17 @@ class Agent:
 
     def _load_policies(self):
         try:
-            policies = load_policy_dir(self.cfg.policy_dir)
-            rulesets = compile_policies(policies, self.cfg.metadata.blocked_networks())
+            policies = load_policy_dir(self.cfg.policy_dir,
+                                       fqdn_min_labels=self.cfg.dns.fqdn_pattern_min_labels)
+            rulesets = compile_policies(policies, self._protected_networks())
             return (policies, rulesets), None
         except PolicyError as err:
             return None, err
+
+    def _protected_networks(self) -> tuple:
+        dns = self.cfg.dns
+        return (*self.cfg.metadata.blocked_networks(),
+                *(dns.encrypted_dns_endpoints if dns.enabled else ()))
 
     def _set_cgroups(self, cgroups: dict[str, int]) -> None:
         self._cgroups = dict(cgroups)
@@ -359,6 +434,8 @@ class Agent:
     def _on_event(self, e: abi.Event) -> None:
         event = to_dict(e, self._clock, self.enforcement.policy_name, self._rule_name,
                         self._identity_of, self._process_of)
+        if event["destination"] is not None and self.allowances is not None:
+            event["destination"]["name"] = self.allowances.name_of(e.cgroup_id, bytes(e.daddr))
         self.metrics.events.labels(event["verdict"]).inc()
         self._events.write(event)
 
@@ -418,6 +495,7 @@ class Agent:
                 if self.phase is not Phase.RUNNING:
                     break
                 self._reader.drain()
+                self._drain_dns_events()
                 now = time.monotonic()
                 if now >= next_poll:
                     next_poll = now + POLICY_POLL_INTERVAL
@@ -427,6 +505,8 @@ class Agent:
                 if now >= next_resync:
                     next_resync = now + self.cfg.resync_interval
                     self.resync()
+                    if self.allowances is not None:
+                        self.allowances.sweep()
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
                     self._clock.resync()
@@ -450,6 +530,9 @@ class Agent:
                 self._reader.drain()  # what is already queued still reaches the log
             except Exception:  # noqa: BLE001 - teardown goes on whatever the ring says
                 log.exception("final ring buffer drain failed")
+        if self.resolver is not None:
+            self.resolver.stop()
+            self._drain_dns_events()
         if self._server is not None:
             self._server.stop()
         if self._pods is not None:

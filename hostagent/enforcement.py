@@ -17,7 +17,8 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hostagent.bpf import abi
@@ -75,6 +76,13 @@ class Enforcement:
         self._by_policy: dict[str, InstalledRuleset] = {}       # policy name -> ruleset in force
         self._next_ruleset = 1
         self.rule_entries = 0
+        self._by_ruleset_id: dict[int, Ruleset] = {}
+        self._touched: set[int] = set()
+        self.extra_fill: dict[str, Callable[[], tuple[int, int]]] = {}   # maps others own
+        # the resolver thread holds port sets for DNS allowances while the main loop reloads
+        self._portset_lock = threading.RLock()
+        # called with the cgroups whose binding changed or went away (DNS allowances follow)
+        self.on_rebind: Callable[[set[int]], None] | None = None
         self._adopt()
 
     # -- state that survives the agent ------------------------------------------------------------
@@ -125,28 +133,76 @@ class Enforcement:
         table = self._t["config_map"]
         table[table.Key(0)] = table.Leaf.from_buffer_copy(bytes(cfg))
 
-    def write_metadata(self, networks: Sequence) -> None:
+    def write_protected(self, metadata: Sequence, encrypted_dns: Sequence = ()) -> None:
+        """The node's protected endpoints (metadata_v1): metadata, then encrypted-DNS services
+        (a network in both is metadata, the stricter)."""
         table = self._t["metadata"]
-        want = {}
-        for net in networks:
-            v6 = abi.as_v6_network(net)
-            want[(int(v6.network_address), v6.prefixlen)] = net
+        want: dict[tuple[int, int], int] = {}
+        for kind, networks in ((abi.PROTECTED_ENCRYPTED_DNS, encrypted_dns),
+                               (abi.PROTECTED_METADATA, metadata)):
+            for net in networks:
+                v6 = abi.as_v6_network(net)
+                want[(int(v6.network_address), v6.prefixlen)] = kind
         have = {}
-        for key in table.keys():
-            raw = bytes(key)
-            plen, addr = struct.unpack("<I16s", raw)
-            have[(int.from_bytes(addr, "big"), plen)] = key
-        for prefix, net in want.items():
-            if prefix not in have:
+        for key, value in table.items():
+            plen, addr = struct.unpack("<I16s", bytes(key))
+            have[(int.from_bytes(addr, "big"), plen)] = (key, value.value)
+        for prefix, kind in want.items():
+            if have.get(prefix, (None, None))[1] != kind:
                 raw = struct.pack("<I16s", prefix[1], prefix[0].to_bytes(16, "big"))
-                table[table.Key.from_buffer_copy(raw)] = table.Leaf(1)
-        for prefix, key in have.items():
+                table[table.Key.from_buffer_copy(raw)] = table.Leaf(kind)
+        for prefix, (key, _) in have.items():
             if prefix not in want:
                 del table[key]
+
+    def write_dns_config(self, listen: tuple[str, int] | None, mark: int, agent_cgroup_id: int,
+                         encrypted_ports: Sequence[int]) -> None:
+        """Where the kernel sends governed workloads' DNS; listen None turns the redirect off."""
+        dc = abi.DnsConfig(mark=mark, agent_cgroup_id=agent_cgroup_id)
+        for i, port in enumerate(list(encrypted_ports)[:abi.MAX_ENCRYPTED_DNS_PORTS]):
+            dc.encrypted_ports[i] = port
+        if listen is not None:
+            import ipaddress
+            addr = ipaddress.ip_address(listen[0])
+            dc.addr[:] = abi.as_v6_network(ipaddress.ip_network(addr)).network_address.packed
+            dc.port = listen[1]
+            dc.flags = abi.DNS_REDIRECT
+        table = self._t["dns_config_map"]
+        table[table.Key(0)] = table.Leaf.from_buffer_copy(bytes(dc))
+
+    def ruleset(self, ruleset_id: int) -> Ruleset | None:
+        """The ruleset installed under an id (None once replaced)."""
+        return self._by_ruleset_id.get(ruleset_id)
+
+    def hold_portset(self, ports: tuple[PortEntry, ...]) -> int:
+        with self._portset_lock:
+            return self._portset(ports)
+
+    def release_portset(self, pid: int) -> None:
+        with self._portset_lock:
+            self._release_portset(pid)
+
+    def adopt_portset(self, pid: int) -> None:
+        """Hold a port set a previous agent's DNS allowance points at, by its kernel content."""
+        with self._portset_lock:
+            if pid in self._portset_content:
+                self._portsets[self._portset_content[pid]][1] += 1
+                return
+            table = self._t["portsets"]
+            ps = table[table.Key(pid)]
+            ports = tuple(PortEntry(r.first, r.last, r.protocols, r.rule)
+                          for r in ps.ranges[:ps.count])
+            self._portsets[ports] = [pid, 1]
+            self._portset_content[pid] = ports
+            self._next_portset = max(self._next_portset, pid + 1)
 
     # -- rulesets ---------------------------------------------------------------------------------
 
     def _portset(self, ports: tuple[PortEntry, ...]) -> int:
+        with self._portset_lock:
+            return self._portset_locked(ports)
+
+    def _portset_locked(self, ports: tuple[PortEntry, ...]) -> int:
         slot = self._portsets.get(ports)
         if slot:
             slot[1] += 1
@@ -169,6 +225,10 @@ class Enforcement:
         return pid
 
     def _release_portset(self, pid: int) -> None:
+        with self._portset_lock:
+            self._release_portset_locked(pid)
+
+    def _release_portset_locked(self, pid: int) -> None:
         ports = self._portset_content.get(pid)
         if ports is None:
             return
@@ -192,8 +252,9 @@ class Enforcement:
             pid = self._portset(ports)
             portsets.append(pid)
             keys += _RULE_KEY.pack(32 + plen, rid_be, addr.to_bytes(16, "big"))
-            values += _RULE_VALUE.pack(pid, abi.RULE_METADATA_GRANT if grant else 0)
+            values += _RULE_VALUE.pack(pid, abi.RULE_NAMED if grant else 0)
         self._write_rules(bytes(keys), bytes(values), len(ruleset.entries))
+        self._by_ruleset_id[rid] = ruleset
         return InstalledRuleset(rid, ruleset, bytes(keys), tuple(portsets), generation)
 
     def _write_rules(self, keys: bytes, values: bytes, n: int) -> None:
@@ -208,6 +269,7 @@ class Enforcement:
             raise KernelError(f"writing {n} rule entries failed: {err}") from err
 
     def _uninstall(self, inst: InstalledRuleset) -> None:
+        self._by_ruleset_id.pop(inst.id, None)
         table = self._t["rules"]
         n = len(inst.keys) // _RULE_KEY.size
         if n:
@@ -235,9 +297,10 @@ class Enforcement:
                 if int.from_bytes(bytes(key)[4:8], "big") in stale:
                     del table[key]
         table = self._t["portsets"]
-        mine = {slot[0] for slot in self._portsets.values()}
-        for pid in self._adopted_portsets - mine:
-            table[table.Key(pid)] = table.Leaf()
+        with self._portset_lock:
+            mine = {slot[0] for slot in self._portsets.values()}
+            for pid in self._adopted_portsets - mine:
+                table[table.Key(pid)] = table.Leaf()
         self._adopted_rulesets = set()
         self._adopted_portsets = set()
 
@@ -297,6 +360,8 @@ class Enforcement:
         if spec.policy is None:
             return (0, 0, int(abi.BindingMode.NONE), flags)
         inst = by_policy[spec.policy]
+        if inst.ruleset.fqdn is not None:
+            flags |= abi.BINDING_FQDN
         return (inst.id, self.policy_id(spec.policy), int(spec.mode), flags)
 
     def _write_bindings(self, by_policy: Mapping[str, InstalledRuleset],
@@ -305,6 +370,7 @@ class Enforcement:
         want = {cgid: self._binding_value(spec, by_policy) for cgid, spec in bindings.items()}
         added, changed = self._put_bindings(want, generation)
         removed = self._drop_bindings(self._bindings.keys() - want.keys())
+        self._notify()
         return {"bindings_added": added, "bindings_changed": changed,
                 "bindings_removed": removed}
 
@@ -320,6 +386,7 @@ class Enforcement:
                               flags=value[3], generation=generation)
             table[table.Key(cgid)] = leaf
             self._bindings[cgid] = (*value, generation)
+            self._touched.add(cgid)
             if old is None:
                 added += 1
             else:
@@ -337,6 +404,7 @@ class Enforcement:
             except KeyError:
                 pass  # the kernel freed it with the cgroup? keep our mirror honest anyway
             del self._bindings[cgid]
+            self._touched.add(cgid)
             removed += 1
         return removed
 
@@ -351,8 +419,15 @@ class Enforcement:
         want = {cgid: self._binding_value(spec, self._by_policy)
                 for cgid, spec in changed.items()}
         added, rebound = self._put_bindings(want, self.state.generation)
+        dropped = self._drop_bindings(removed)
+        self._notify()
         return {"bindings_added": added, "bindings_changed": rebound,
-                "bindings_removed": self._drop_bindings(removed)}
+                "bindings_removed": dropped}
+
+    def _notify(self) -> None:
+        touched, self._touched = self._touched, set()
+        if touched and self.on_rebind is not None:
+            self.on_rebind(touched)
 
     # -- reading back -----------------------------------------------------------------------------
 
@@ -360,7 +435,12 @@ class Enforcement:
         """Map fill: name -> (entries, capacity)."""
         return {"rules": (self.rule_entries, self.max_rules),
                 "bindings": (len(self._bindings), self.max_cgroups),
-                "portsets": (len(self._portsets), _MAX_PORTSETS - 1)}
+                "portsets": (len(self._portsets), _MAX_PORTSETS - 1),
+                **{name: fn() for name, fn in self.extra_fill.items()}}
+
+    def binding(self, cgid: int) -> tuple | None:
+        """(ruleset_id, policy_id, mode, flags, generation) written for a cgroup, if any."""
+        return self._bindings.get(cgid)
 
     def decisions(self) -> dict[tuple[int, int, int, int], int]:
         out = {}

@@ -71,3 +71,15 @@ def test_default_action_and_protocol_bits_match_the_header():
         value = re.search(rf"#define {name} (\d+)", text).group(1)
         assert int(value) == {"HOSTAGENT_ABI_VERSION": abi.ABI_VERSION}.get(
             name, getattr(abi, name, None)), name
+
+
+def test_every_flag_and_size_of_the_header_has_its_python_twin():
+    text = HEADER.read_text()
+    defines = {m.group(1): int(m.group(2), 0)
+               for m in re.finditer(r"^#define (\w+) (0x[0-9a-fA-F]+|\d+)\b", text, re.M)}
+    shared = ("CONFIG_EMIT_ALLOW", "BINDING_METADATA_EXEMPT", "BINDING_ALLOW_RAW",
+              "BINDING_PENDING", "BINDING_CONFLICT", "BINDING_FQDN", "RULE_NAMED",
+              "PROTECTED_METADATA", "PROTECTED_ENCRYPTED_DNS", "DNS_REDIRECT",
+              "MAX_ENCRYPTED_DNS_PORTS", "FQDN_NAMED", "RULE_NONE")
+    for name in shared:
+        assert defines[name] == getattr(abi, name), name

@@ -582,3 +582,12 @@ def test_config_is_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.policy_dir = "/x"  # type: ignore[misc]
     assert hash(config) == hash(default_config())
+
+
+def test_packaged_file_sets_every_leaf_of_the_schema():
+    from hostagent import config as module
+
+    text = PACKAGED.read_text()
+    for dotted in module._ATTRS:
+        leaf = dotted.rsplit(".", 1)[-1]
+        assert re.search(rf"(^\s*|[{{,]\s*){leaf}:", text, re.M), dotted

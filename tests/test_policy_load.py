@@ -223,9 +223,10 @@ REJECT = [
     ("cidr: 10.20.0.0/16", "cidr: example.com", 13, "spec.egress[0].to[0].cidr: 'example.com': not an IP address or CIDR"),
     ("cidr: 10.20.0.0/16", "cidr: 'fe80::1%eth0'", 13, "scoped addresses are not allowed"),
     ("cidr: 10.20.0.0/16", "cidr: 167772160", 13, "spec.egress[0].to[0].cidr: expected a string, got the integer 167772160"),
-    ("- cidr: 10.20.0.0/16", "- fqdn: example.com", 13, "spec.egress[0].to[0]: unknown key 'fqdn' (allowed keys: cidr)"),
-    ("- cidr: 10.20.0.0/16", "- {}", 13, "spec.egress[0].to[0]: expected exactly one of: cidr"),
-    ("- cidr: 10.20.0.0/16", "- 10.20.0.0/16", 13, "spec.egress[0].to[0]: expected a mapping with keys cidr, got the string '10.20.0.0/16'"),
+    ("- cidr: 10.20.0.0/16", "- fqdns: example.com", 13, "spec.egress[0].to[0]: unknown key 'fqdns' (allowed keys: cidr, fqdn, fqdnPattern); did you mean 'fqdn'?"),
+    ("- cidr: 10.20.0.0/16", "- {}", 13, "spec.egress[0].to[0]: expected exactly one of: cidr, fqdn, fqdnPattern"),
+    ("- cidr: 10.20.0.0/16", "- {cidr: 10.20.0.0/16, fqdn: example.com}", 13, "spec.egress[0].to[0]: expected exactly one of: cidr, fqdn, fqdnPattern (this entry has cidr and fqdn; write each peer as its own list item)"),
+    ("- cidr: 10.20.0.0/16", "- 10.20.0.0/16", 13, "spec.egress[0].to[0]: expected a mapping with keys cidr, fqdn, fqdnPattern, got the string '10.20.0.0/16'"),
     (PORTS, "      ports: 443\n", 15, "spec.egress[0].ports: expected a list of ports, got the integer 443"),
     ("port: 443,", "port: 70000,", 16, "spec.egress[0].ports[0].port: 70000 is not a port number (1-65535)"),
     ("port: 443,", "port: 0,", 16, "spec.egress[0].ports[0].port: 0 is not a port number (1-65535)"),
@@ -581,11 +582,12 @@ scalars = st.one_of(
     st.integers(),
     st.floats(allow_nan=True),
     st.text(max_size=20),
-    st.sampled_from(["enforce", "audit", "TCP", "UDP", "ANY", "10.0.0.0/8", "::/0", "/a/*", "**", "hostagent.io/v1", "EgressPolicy"]),
+    st.sampled_from(["enforce", "audit", "TCP", "UDP", "ANY", "10.0.0.0/8", "::/0", "/a/*", "**", "hostagent.io/v1", "EgressPolicy",
+                     "example.com", "*.example.com", "*.com", "xn--bcher-kva.example"]),
 )
 keys = st.sampled_from(
     ["apiVersion", "kind", "metadata", "spec", "name", "selector", "cgroupPath", "mode", "allowRawSockets",
-     "egress", "to", "ports", "cidr", "port", "endPort", "protocol", "other"]
+     "egress", "to", "ports", "cidr", "fqdn", "fqdnPattern", "port", "endPort", "protocol", "other"]
 )
 structures = st.recursive(
     scalars,

@@ -43,6 +43,8 @@ enum hostagent_reason {
 	REASON_METADATA_EXEMPT = 6,  /* metadata endpoint, workload exempt by node config */
 	REASON_PENDING_IDENTITY = 7, /* a pod not yet known to the agent: node pendingAction */
 	REASON_SELECTOR_CONFLICT = 8,/* policies of equal precedence select it: denied until fixed */
+	REASON_DNS_REDIRECT = 9,     /* a DNS query, sent to the node's resolver instead */
+	REASON_ENCRYPTED_DNS = 10,   /* DNS over HTTPS/TLS endpoint or port, not named by a rule */
 };
 
 /* Which program decided. Python: abi.Hook. */
@@ -78,6 +80,8 @@ enum hostagent_error {
 	ERROR_COUNTER_UPDATE = 2,    /* decision counter could not be created */
 	ERROR_SK_STORAGE = 3,        /* retired (socket storage is no longer used); number kept */
 	ERROR_CONFIG_MISSING = 4,    /* config map empty: decided fail-closed for governed sockets */
+	ERROR_DNS_ORIGIN = 5,        /* a redirected socket's original resolver could not be kept */
+	ERROR_DNS_CLIENT = 6,        /* a query's sender could not be recorded for the resolver */
 };
 
 /* Source files, for error_key.file_id. Python: abi.SourceFile. */
@@ -90,6 +94,7 @@ enum hostagent_file {
 	FILE_SOCK_ADDR = 5,
 	FILE_SOCK_CREATE = 6,
 	FILE_CGROUP_SKB = 7,
+	FILE_DNS = 8,
 };
 
 /* Protocol bits of a port range; same values as policy.Protocol. */
@@ -112,6 +117,7 @@ struct config {
 #define BINDING_ALLOW_RAW 0x2       /* policy allowRawSockets */
 #define BINDING_PENDING 0x4         /* identity not known yet: mode says what happens, no rules */
 #define BINDING_CONFLICT 0x8        /* selector conflict: mode says what happens, no rules */
+#define BINDING_FQDN 0x10           /* policy has fqdn rules: look in fqdn_v1 on a rule miss */
 #define BINDING_FIXED (BINDING_PENDING | BINDING_CONFLICT)
 struct binding {
 	__u32 ruleset_id;   /* key prefix in rules_v1; 0 = no policy */
@@ -133,7 +139,9 @@ struct rule_key {
 	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
 };
 
-#define RULE_METADATA_GRANT 0x1 /* the rule names a metadata endpoint explicitly */
+/* The rule names the destination itself: its prefix is a single address, or lies inside a
+ * protected endpoint (metadata_v1). Only such rules open protected endpoints and DoT ports. */
+#define RULE_NAMED 0x1
 struct rule_value {
 	__u32 portset_id;     /* index in portsets_v1 */
 	__u8 flags;           /* RULE_* */
@@ -155,10 +163,63 @@ struct portset {
 	struct port_range ranges[MAX_PORT_RANGES];
 };
 
-/* metadata_v1 (LPM trie): node-wide metadata endpoints. Value unused. */
+/* metadata_v1 (LPM trie): node-wide protected endpoints; the __u8 value is a PROTECTED_*. */
+#define PROTECTED_METADATA 1      /* cloud metadata: denied to all but exempt workloads */
+#define PROTECTED_ENCRYPTED_DNS 2 /* DNS over HTTPS/TLS service: denied to governed workloads */
 struct metadata_key {
 	__u32 prefixlen;
 	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
+};
+
+/* dns_v1[0]: the node resolver that governed workloads' DNS is sent to. */
+#define DNS_REDIRECT 0x1
+#define MAX_ENCRYPTED_DNS_PORTS 4
+struct dns_config {
+	__u32 addr[4];        /* resolver address, network byte order; IPv4 as ::ffff:a.b.c.d */
+	__u16 port;           /* resolver port, host byte order */
+	__u8 flags;           /* DNS_* */
+	__u8 pad;
+	__u32 mark;           /* SO_MARK on the resolver's upstream sockets */
+	__u64 agent_cgroup_id;/* marked sockets of this cgroup are the resolver's: never redirected */
+	__u16 encrypted_ports[MAX_ENCRYPTED_DNS_PORTS]; /* DoT/DoQ ports; 0 = unused slot */
+};
+
+/* dns_origins_v1 (socket storage): the resolver a redirected socket asked for, so that replies
+ * and getpeername() show it rather than the node resolver. */
+struct dns_origin {
+	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
+	__u16 port;           /* network byte order, as in bpf_sock_addr.user_port */
+	__u8 family;          /* AF_INET / AF_INET6 of the destination as the socket named it */
+	__u8 pad;
+};
+
+/* dns_clients_v1 (LRU hash): the socket behind each source that sent to the resolver. Written
+ * by the skb hook when the packet leaves, so it is there before the resolver reads the query. */
+struct dns_client_key {
+	__u32 addr[4];        /* source address, network byte order; IPv4 as ::ffff:a.b.c.d */
+	__u16 port;           /* source port, host byte order */
+	__u8 protocol;        /* IPPROTO_UDP / IPPROTO_TCP */
+	__u8 pad;
+};
+
+struct dns_client {
+	__u64 cgroup_id;      /* the sending socket's cgroup */
+	__u64 sock_cookie;
+};
+
+/* fqdn_v1 (hash): an address a DNS answer opened for one workload (cgroup). */
+#define FQDN_NAMED 0x1    /* opened by a rule that lists the exact name: may reach DoT ports
+			   * and encrypted-DNS endpoints (never metadata) */
+struct fqdn_key {
+	__u64 cgroup_id;
+	__u32 addr[4];        /* network byte order; IPv4 as ::ffff:a.b.c.d */
+};
+
+struct fqdn_value {
+	__u64 expires_ns;     /* bpf_ktime_get_ns() (CLOCK_MONOTONIC): answer TTL plus grace */
+	__u32 portset_id;     /* the ports of the rules that allowed the name(s) */
+	__u8 flags;           /* FQDN_* */
+	__u8 pad[3];
 };
 
 /* decisions_v1 (per-CPU hash): count of every decision, allow included. */

@@ -23,6 +23,12 @@
 #ifndef MAX_METADATA
 #define MAX_METADATA 256
 #endif
+#ifndef MAX_FQDN
+#define MAX_FQDN 65536
+#endif
+#ifndef MAX_DNS_CLIENTS
+#define MAX_DNS_CLIENTS 65536 /* in-flight queries: an entry is needed only until it is read */
+#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 1024 /* 4 MiB: ~40k events of headroom at a 10 ms drain */
 #endif
@@ -39,6 +45,15 @@ BPF_TABLE_PINNED("array", __u32, struct portset, portsets, MAX_PORTSETS,
 		 PIN("hostagent_portsets_v1"));
 BPF_TABLE_PINNED("lpm_trie", struct metadata_key, __u8, metadata, MAX_METADATA,
 		 PIN("hostagent_metadata_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct dns_config, dns_config_map, 1,
+		 PIN("hostagent_dns_v1"));
+BPF_TABLE_PINNED("hash", struct fqdn_key, struct fqdn_value, fqdn, MAX_FQDN,
+		 PIN("hostagent_fqdn_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct dns_client_key, struct dns_client, dns_clients,
+		 MAX_DNS_CLIENTS, PIN("hostagent_dns_clients_v1"));
+/* Socket storage only for sockets whose DNS was redirected: the hot path never touches it. */
+BPF_TABLE_PINNED("sk_storage", int, struct dns_origin, dns_origins, 0,
+		 PIN("hostagent_dns_origins_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_hash", struct decision_key, __u64, decisions, 16384,
 		 PIN("hostagent_decisions_v1"));
 BPF_TABLE_PINNED("percpu_hash", struct error_key, __u64, errors, 1024,

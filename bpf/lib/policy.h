@@ -3,7 +3,9 @@
  * The decision every hook shares: which policy governs the socket's workload, and does it allow
  * this destination, port and protocol. Order matters and is the documented precedence:
  *   1. metadata endpoints are denied unless the workload is exempt or its policy names them;
- *   2. a governed workload gets its policy's rules (enforce: deny otherwise; audit: report);
+ *   2. a governed workload gets its policy's rules, then the addresses DNS answers opened for
+ *      it (fqdn rules), except that encrypted-DNS endpoints and ports need a rule naming them;
+ *      otherwise enforce denies and audit reports;
  *   3. anything else gets the node's defaultAction.
  */
 #ifndef HOSTAGENT_POLICY_H
@@ -141,20 +143,65 @@ static __always_inline void __fixed_verdict(const struct binding *b, struct deci
 }
 
 /*
+ * __fqdn_match() - did a DNS answer open this destination for this workload.
+ * @cgid: the socket's cgroup (the resolver keys allowances by the querying socket's cgroup)
+ * @named: out, the name was listed exactly by the rule (FQDN_NAMED)
+ *
+ * Expiry is checked here, not left to user space's sweep, so an address is closed the moment
+ * its TTL and grace run out; connections opened before stay open (only new ones are judged).
+ * Returns: 1 if allowed, 0 otherwise.
+ */
+static __always_inline int __fqdn_match(__u64 cgid, const __u32 daddr[4], __u16 dport,
+					__u8 proto_bit, __u16 *rule, int *named)
+{
+	struct fqdn_key key = { .cgroup_id = cgid };
+	struct fqdn_value *v;
+
+	key.addr[0] = daddr[0];
+	key.addr[1] = daddr[1];
+	key.addr[2] = daddr[2];
+	key.addr[3] = daddr[3];
+	v = fqdn.lookup(&key);
+	if (!v || v->expires_ns <= bpf_ktime_get_ns())
+		return 0;
+	if (!__ports_match(v->portset_id, dport, proto_bit, rule))
+		return 0;
+	*named = (v->flags & FQDN_NAMED) != 0;
+	return 1;
+}
+
+/* __encrypted_dns_port() - a DNS-over-TLS/QUIC port of the node config. */
+static __always_inline int __encrypted_dns_port(__u16 dport)
+{
+	__u32 zero = 0;
+	struct dns_config *dc = dns_config_map.lookup(&zero);
+
+	if (!dc)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < MAX_ENCRYPTED_DNS_PORTS; i++)
+		if (dc->encrypted_ports[i] && dc->encrypted_ports[i] == dport)
+			return 1;
+	return 0;
+}
+
+/*
  * __decide() - judge a destination for a socket.
  * @b: the binding that governs the socket's cgroup (__binding_of_*), NULL if none
+ * @cgid: the socket's cgroup, for DNS-opened addresses
  * @daddr: destination, network byte order, IPv4 mapped
  * @dport: destination port, host byte order
  * @proto_bit: PROTO_BIT_* of the socket (0: no rule can match)
  * @d: out
  */
-static __always_inline void __decide(const struct binding *b, const __u32 daddr[4], __u16 dport,
-				     __u8 proto_bit, struct decision *d)
+static __always_inline void __decide(const struct binding *b, __u64 cgid, const __u32 daddr[4],
+				     __u16 dport, __u8 proto_bit, struct decision *d)
 {
 	struct config *cfg = __config();
 	struct metadata_key mkey = { .prefixlen = 128 };
-	struct rule_value *rv = NULL;
-	int is_meta, matched = 0;
+	struct rule_value *rv;
+	__u8 *kind, protected;
+	int governed, matched = 0, named = 0, fqdn_named = 0;
 
 	__decision_init(d, cfg, b);
 
@@ -162,9 +209,11 @@ static __always_inline void __decide(const struct binding *b, const __u32 daddr[
 	mkey.addr[1] = daddr[1];
 	mkey.addr[2] = daddr[2];
 	mkey.addr[3] = daddr[3];
-	is_meta = metadata.lookup(&mkey) != NULL;
+	kind = metadata.lookup(&mkey);
+	protected = kind ? *kind : 0;
 
-	if (b && b->mode != MODE_NONE && !(b->flags & BINDING_FIXED)) {
+	governed = b && b->mode != MODE_NONE && !(b->flags & BINDING_FIXED);
+	if (governed) {
 		struct rule_key rkey = { .prefixlen = 32 + 128 };
 
 		rkey.ruleset_id = bpf_htonl(b->ruleset_id);
@@ -173,14 +222,19 @@ static __always_inline void __decide(const struct binding *b, const __u32 daddr[
 		rkey.addr[2] = daddr[2];
 		rkey.addr[3] = daddr[3];
 		rv = rules.lookup(&rkey);
-		if (rv)
-			matched = __ports_match(rv->portset_id, dport, proto_bit, &d->rule);
+		if (rv && __ports_match(rv->portset_id, dport, proto_bit, &d->rule)) {
+			matched = 1;
+			named = (rv->flags & RULE_NAMED) != 0;
+		}
+		if (!matched && (b->flags & BINDING_FQDN))
+			matched = __fqdn_match(cgid, daddr, dport, proto_bit, &d->rule, &fqdn_named);
 	}
 
-	if (is_meta && !(b && (b->flags & BINDING_METADATA_EXEMPT))) {
+	if (protected == PROTECTED_METADATA && !(b && (b->flags & BINDING_METADATA_EXEMPT))) {
 		/* Node protection: enforced even for audit-mode policies, granted only by a rule
-		 * that names the endpoint itself (a 0.0.0.0/0 rule does not). */
-		if (matched && rv && (rv->flags & RULE_METADATA_GRANT)) {
+		 * that names the endpoint itself (a 0.0.0.0/0 rule does not, nor does a DNS
+		 * answer: the resolver drops metadata addresses from answers). */
+		if (matched && named) {
 			d->verdict = VERDICT_ALLOW;
 			d->reason = REASON_POLICY_RULE;
 		} else {
@@ -195,7 +249,16 @@ static __always_inline void __decide(const struct binding *b, const __u32 daddr[
 		__fixed_verdict(b, d);
 		return;
 	}
-	if (b && b->mode != MODE_NONE) {
+	if (governed) {
+		if ((protected == PROTECTED_ENCRYPTED_DNS || __encrypted_dns_port(dport)) &&
+		    !(matched && (named || fqdn_named))) {
+			/* DNS that would bypass the node resolver: only a rule naming the
+			 * endpoint opens it, whatever broader rule allows its address */
+			d->verdict = b->mode == MODE_AUDIT ? VERDICT_AUDIT : VERDICT_DENY;
+			d->reason = REASON_ENCRYPTED_DNS;
+			d->rule = RULE_NONE;
+			return;
+		}
 		if (matched) {
 			d->verdict = VERDICT_ALLOW;
 			d->reason = REASON_POLICY_RULE;
@@ -207,7 +270,7 @@ static __always_inline void __decide(const struct binding *b, const __u32 daddr[
 	}
 
 	d->verdict = __node_default(cfg);
-	d->reason = is_meta ? REASON_METADATA_EXEMPT : REASON_NODE_DEFAULT;
+	d->reason = protected == PROTECTED_METADATA ? REASON_METADATA_EXEMPT : REASON_NODE_DEFAULT;
 }
 
 /*

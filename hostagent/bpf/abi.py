@@ -23,7 +23,13 @@ BINDING_METADATA_EXEMPT = 0x1
 BINDING_ALLOW_RAW = 0x2
 BINDING_PENDING = 0x4
 BINDING_CONFLICT = 0x8
-RULE_METADATA_GRANT = 0x1
+BINDING_FQDN = 0x10
+RULE_NAMED = 0x1
+PROTECTED_METADATA = 1
+PROTECTED_ENCRYPTED_DNS = 2
+DNS_REDIRECT = 0x1
+MAX_ENCRYPTED_DNS_PORTS = 4
+FQDN_NAMED = 0x1
 PROTO_BIT_TCP = 1
 PROTO_BIT_UDP = 2
 
@@ -49,6 +55,8 @@ class Reason(enum.IntEnum):
     METADATA_EXEMPT = 6
     PENDING_IDENTITY = 7
     SELECTOR_CONFLICT = 8
+    DNS_REDIRECT = 9
+    ENCRYPTED_DNS = 10
 
 
 class Hook(enum.IntEnum):
@@ -79,6 +87,8 @@ class KernelError(enum.IntEnum):
     COUNTER_UPDATE = 2
     SK_STORAGE = 3
     CONFIG_MISSING = 4
+    DNS_ORIGIN = 5
+    DNS_CLIENT = 6
 
 
 class SourceFile(enum.IntEnum):
@@ -92,6 +102,7 @@ class SourceFile(enum.IntEnum):
     SOCK_ADDR = 5
     SOCK_CREATE = 6
     CGROUP_SKB = 7
+    DNS = 8
 
 
 class Config(ct.Structure):
@@ -150,6 +161,41 @@ class MetadataKey(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
 
 
+class DnsConfig(ct.Structure):
+    _fields_ = [
+        ("addr", ct.c_uint8 * 16),
+        ("port", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint8),
+        ("mark", ct.c_uint32),
+        ("agent_cgroup_id", ct.c_uint64),
+        ("encrypted_ports", ct.c_uint16 * MAX_ENCRYPTED_DNS_PORTS),
+    ]
+
+
+class DnsOrigin(ct.Structure):
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("family", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class DnsClientKey(ct.Structure):
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("protocol", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class DnsClient(ct.Structure):
+    _fields_ = [("cgroup_id", ct.c_uint64), ("sock_cookie", ct.c_uint64)]
+
+
+class FqdnKey(ct.Structure):
+    _fields_ = [("cgroup_id", ct.c_uint64), ("addr", ct.c_uint8 * 16)]
+
+
+class FqdnValue(ct.Structure):
+    _fields_ = [("expires_ns", ct.c_uint64), ("portset_id", ct.c_uint32), ("flags", ct.c_uint8),
+                ("pad", ct.c_uint8 * 3)]
+
+
 class DecisionKey(ct.Structure):
     _fields_ = [
         ("policy_id", ct.c_uint32),
@@ -198,6 +244,12 @@ STRUCTS = {
     "port_range": PortRange,
     "portset": PortSet,
     "metadata_key": MetadataKey,
+    "dns_config": DnsConfig,
+    "dns_origin": DnsOrigin,
+    "dns_client_key": DnsClientKey,
+    "dns_client": DnsClient,
+    "fqdn_key": FqdnKey,
+    "fqdn_value": FqdnValue,
     "decision_key": DecisionKey,
     "error_key": ErrorKey,
     "event": Event,

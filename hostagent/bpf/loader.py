@@ -20,7 +20,7 @@ from hostagent.errors import KernelError, SetupError
 # bcc rewrites map calls only in its main file, so every file that touches a map is appended
 # to one text, in this order, each under a #line marker (see bpf/hostagent.c).
 SOURCES = ("hostagent.c", "lib/maps.h", "lib/counters.h", "lib/origin.h", "lib/policy.h",
-           "lib/events.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c")
+           "lib/events.h", "lib/dns.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c")
 
 # kernel uapi numbers (enum bpf_prog_type / enum bpf_attach_type)
 PROG_CGROUP_SKB = 8
@@ -32,6 +32,10 @@ ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_UDP4_SENDMSG = 14
 ATTACH_UDP6_SENDMSG = 15
+ATTACH_UDP4_RECVMSG = 19
+ATTACH_UDP6_RECVMSG = 20
+ATTACH_INET4_GETPEERNAME = 29
+ATTACH_INET6_GETPEERNAME = 30
 
 
 @dataclass(frozen=True)
@@ -46,13 +50,18 @@ PROGRAMS = (
     Program("sock6_connect", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_CONNECT),
     Program("sock4_sendmsg", PROG_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG),
     Program("sock6_sendmsg", PROG_CGROUP_SOCK_ADDR, ATTACH_UDP6_SENDMSG),
+    Program("sock4_recvmsg", PROG_CGROUP_SOCK_ADDR, ATTACH_UDP4_RECVMSG),
+    Program("sock6_recvmsg", PROG_CGROUP_SOCK_ADDR, ATTACH_UDP6_RECVMSG),
+    Program("sock4_getpeername", PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME),
+    Program("sock6_getpeername", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME),
     Program("sock_create", PROG_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE),
     Program("skb_egress", PROG_CGROUP_SKB, ATTACH_INET_EGRESS),
 )
 
 MAP_PINS = ("hostagent_config_v1", "hostagent_bindings_v1", "hostagent_rules_v1",
             "hostagent_portsets_v1", "hostagent_metadata_v1", "hostagent_decisions_v1",
-            "hostagent_errors_v1")
+            "hostagent_errors_v1", "hostagent_dns_v1", "hostagent_fqdn_v1",
+            "hostagent_dns_clients_v1", "hostagent_dns_origins_v1")
 # Pins earlier versions made and this one no longer uses: removed after a takeover and by
 # uninstall, so an upgrade leaves nothing behind.
 RETIRED_PINS = ("hostagent_origins_v1",)

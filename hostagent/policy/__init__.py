@@ -15,7 +15,18 @@ from hostagent.policy.load import (
     load_policy_file,
     load_policy_text,
 )
-from hostagent.policy.model import CIDRPeer, EgressRule, Mode, Policy, PortRange, Protocol, Selector
+from hostagent.policy.model import (
+    CIDRPeer,
+    EgressRule,
+    FQDNPatternPeer,
+    FQDNPeer,
+    Mode,
+    Peer,
+    Policy,
+    PortRange,
+    Protocol,
+    Selector,
+)
 from hostagent.policy.selector import (
     compile_cgroup_pattern,
     matches,
@@ -32,7 +43,10 @@ __all__ = [
     "POLICY_SUFFIXES",
     "CIDRPeer",
     "EgressRule",
+    "FQDNPatternPeer",
+    "FQDNPeer",
     "Mode",
+    "Peer",
     "Policy",
     "PolicyErrors",
     "PortRange",

@@ -11,7 +11,10 @@ Why it looks the way it does:
 * Anchors/aliases and deep nesting are refused, and files are size-limited, so a broken or
   hostile file cannot make loading slow or exhaust memory (alias bombs).
 * Peer kinds and selector kinds are parsed through ``{key: parser}`` tables (_PEERS,
-  _SELECTORS): adding ``fqdn`` means adding one parser and one entry.
+  _SELECTORS): a new kind is one parser and one entry.
+* ``fqdn`` and ``fqdnPattern`` peers are validated by hostagent.dns.names, the module that also
+  matches query names at runtime, so what loads is exactly what can match. How broad a pattern
+  may be is node policy (``dns.fqdnPatternMinLabels``), so the limit is a loader argument.
 * Selectors in YAML that are identities rather than paths (``kubernetes``, ``container``,
   ``systemdUnit``) are checked as the system that owns the name would check it (the API server,
   systemd), so a selector that could never match anything is an error here, not a silent no-op.
@@ -36,14 +39,18 @@ from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from hostagent import converters
+from hostagent.dns.names import normalize_name, normalize_pattern
 from hostagent.errors import PolicyError
 from hostagent.identity.labels import LabelSelector, parse_label_selector
 from hostagent.policy.model import (
     CIDRPeer,
     ContainerSelector,
     EgressRule,
+    FQDNPatternPeer,
+    FQDNPeer,
     KubernetesSelector,
     Mode,
+    Peer,
     Policy,
     PortRange,
     Protocol,
@@ -79,6 +86,8 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 # A policy document nests 6 levels (spec.egress[].ports[].port); anything much deeper is not a
 # policy, and unbounded depth would hit Python's recursion limit in the composer.
 MAX_DEPTH = 32
+# The node config's default for dns.fqdnPatternMinLabels: "*.example.com" is fine, "*.com" is not.
+DEFAULT_FQDN_MIN_LABELS = 2
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _NAME_MAX = 253
@@ -128,33 +137,47 @@ class PolicyErrors(PolicyError):
 # --- public API -----------------------------------------------------------------------------
 
 
-def load_policy_text(text: str, path: str = "<string>") -> list[Policy]:
-    """Parse and validate policies from ``text``; ``path`` is only used in error messages."""
+def load_policy_text(
+    text: str, path: str = "<string>", *, fqdn_min_labels: int = DEFAULT_FQDN_MIN_LABELS
+) -> list[Policy]:
+    """Parse and validate policies from ``text``; ``path`` is only used in error messages.
+
+    ``fqdn_min_labels``: the fixed (non-``*``) labels an ``fqdnPattern`` needs at least, the
+    node config's ``dns.fqdnPatternMinLabels``; a broader pattern is an error.
+    """
+    _check_min_labels(fqdn_min_labels)
     if len(text) > MAX_FILE_BYTES:
         raise PolicyErrors([_too_large(path)])
-    parsed, errors = _parse_text(text, path)
+    parsed, errors = _parse_text(text, path, fqdn_min_labels)
     return _finish(parsed, errors)
 
 
-def load_policy_file(path: str | os.PathLike[str]) -> list[Policy]:
+def load_policy_file(
+    path: str | os.PathLike[str], *, fqdn_min_labels: int = DEFAULT_FQDN_MIN_LABELS
+) -> list[Policy]:
     """Parse and validate one policy file; duplicate names and ambiguous selectors are checked
-    among the policies of that file."""
+    among the policies of that file. ``fqdn_min_labels`` as for load_policy_text."""
+    _check_min_labels(fqdn_min_labels)
     path = os.fspath(path)
     try:
         text = _read(path)
     except PolicyError as err:
         raise PolicyErrors([err]) from None
-    parsed, errors = _parse_text(text, path)
+    parsed, errors = _parse_text(text, path, fqdn_min_labels)
     return _finish(parsed, errors)
 
 
-def load_policy_dir(path: str | os.PathLike[str]) -> list[Policy]:
+def load_policy_dir(
+    path: str | os.PathLike[str], *, fqdn_min_labels: int = DEFAULT_FQDN_MIN_LABELS
+) -> list[Policy]:
     """Parse and validate every *.yaml / *.yml file directly in ``path`` (dotfiles and other
     files are ignored, symlinks are followed as for Kubernetes ConfigMap mounts).
 
     Returns the policies sorted by name; an empty directory gives []. Raises PolicyErrors with
     every problem found, including names and selectors that clash across files.
+    ``fqdn_min_labels`` as for load_policy_text.
     """
+    _check_min_labels(fqdn_min_labels)
     directory = os.fspath(path)
     try:
         with os.scandir(directory) as it:
@@ -178,10 +201,16 @@ def load_policy_dir(path: str | os.PathLike[str]) -> list[Policy]:
         except PolicyError as err:
             errors.append(err)
             continue
-        file_parsed, file_errors = _parse_text(text, file_path)
+        file_parsed, file_errors = _parse_text(text, file_path, fqdn_min_labels)
         parsed.extend(file_parsed)
         errors.extend(file_errors)
     return _finish(parsed, errors)
+
+
+def _check_min_labels(value: int) -> None:
+    # A caller's mistake, not a policy's: the node config bounds dns.fqdnPatternMinLabels already.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"fqdn_min_labels must be an integer >= 1, got {value!r}")
 
 
 def cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -366,8 +395,9 @@ class _Reader:
     is walked completely and all its problems are reported together.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fqdn_min_labels: int = DEFAULT_FQDN_MIN_LABELS) -> None:
         self.path = path
+        self.fqdn_min_labels = fqdn_min_labels  # for fqdnPattern peers (load_policy_text)
         self.errors: list[PolicyError] = []
 
     def error(self, node: Node, where: str, msg: str) -> None:
@@ -447,14 +477,23 @@ class _Reader:
             return None
         return choices[text]
 
-    def one_of(self, node: Node, where: str, kinds: Mapping[str, object]) -> tuple[str, Node] | None:
-        """The single ``{kind: value}`` entry of a mapping whose key picks the kind."""
+    def one_of(
+        self, node: Node, where: str, kinds: Mapping[str, object], several: str = ""
+    ) -> tuple[str, Node] | None:
+        """The single ``{kind: value}`` entry of a mapping whose key picks the kind.
+
+        ``several``: how to fix a mapping that gives more than one kind, added to the error.
+        """
         fields = self.mapping(node, where, tuple(kinds))
         if fields is None:
             return None
         if len(fields) != 1:
             if fields or not node.value:  # unknown keys alone were already reported
-                self.error(node, where, f"expected exactly one of: {', '.join(kinds)}")
+                msg = f"expected exactly one of: {', '.join(kinds)}"
+                if len(fields) > 1 and several:
+                    given = list(fields)
+                    msg += f" (this entry has {', '.join(given[:-1])} and {given[-1]}; {several})"
+                self.error(node, where, msg)
             return None
         return next(iter(fields.items()))
 
@@ -498,6 +537,28 @@ def _cidr_peer(r: _Reader, node: Node, where: str) -> CIDRPeer | None:
         return None
     try:
         return CIDRPeer(network=cidr(text))
+    except ValueError as exc:
+        r.error(node, where, str(exc))
+        return None
+
+
+def _fqdn_peer(r: _Reader, node: Node, where: str) -> FQDNPeer | None:
+    text = r.string(node, where)
+    if text is None:
+        return None
+    try:
+        return FQDNPeer(name=normalize_name(text))
+    except ValueError as exc:
+        r.error(node, where, str(exc))
+        return None
+
+
+def _fqdn_pattern_peer(r: _Reader, node: Node, where: str) -> FQDNPatternPeer | None:
+    text = r.string(node, where)
+    if text is None:
+        return None
+    try:
+        return FQDNPatternPeer(pattern=normalize_pattern(text, r.fqdn_min_labels))
     except ValueError as exc:
         r.error(node, where, str(exc))
         return None
@@ -758,8 +819,10 @@ _SELECTORS: dict[str, Callable[[_Reader, Node, str], Selector | None]] = {
     "kubernetes": _kubernetes_selector,
     "container": _container_selector,
 }
-_PEERS: dict[str, Callable[[_Reader, Node, str], CIDRPeer | None]] = {
+_PEERS: dict[str, Callable[[_Reader, Node, str], Peer | None]] = {
     "cidr": _cidr_peer,
+    "fqdn": _fqdn_peer,
+    "fqdnPattern": _fqdn_pattern_peer,
 }
 
 
@@ -795,7 +858,7 @@ def _rule(r: _Reader, node: Node, where: str, index: int) -> tuple[EgressRule | 
         if name is not None and not (0 < len(name) <= _NAME_MAX and name.isprintable()):
             r.error(fields["name"], _at(where, "name"), f"expected 1-{_NAME_MAX} printable characters")
             name = None
-    peers: list[CIDRPeer | None] = []
+    peers: list[Peer | None] = []
     if "to" in fields:
         where_to = _at(where, "to")
         items = r.sequence(fields["to"], where_to, "peers")
@@ -806,7 +869,9 @@ def _rule(r: _Reader, node: Node, where: str, index: int) -> tuple[EgressRule | 
                 "an empty list would allow nothing; omit 'to' to allow any destination, or list peers",
             )
         for i, item in enumerate(items or ()):
-            picked = r.one_of(item, f"{where_to}[{i}]", _PEERS)
+            picked = r.one_of(
+                item, f"{where_to}[{i}]", _PEERS, several="write each peer as its own list item"
+            )
             if picked is not None:
                 kind, value = picked
                 peers.append(_PEERS[kind](r, value, _at(f"{where_to}[{i}]", kind)))
@@ -929,9 +994,11 @@ def _policy(r: _Reader, root: Node) -> _Parsed | None:
     )
 
 
-def _parse_text(text: str, path: str) -> tuple[list[_Parsed], list[PolicyError]]:
+def _parse_text(
+    text: str, path: str, fqdn_min_labels: int = DEFAULT_FQDN_MIN_LABELS
+) -> tuple[list[_Parsed], list[PolicyError]]:
     roots, syntax_error = _compose(text, path)
-    r = _Reader(path)
+    r = _Reader(path, fqdn_min_labels)
     parsed = [p for p in (_policy(r, root) for root in roots) if p is not None]
     errors = sorted(r.errors, key=lambda e: e.context.get("line") or 0)
     if syntax_error is not None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from hostagent.identity.labels import LabelSelector
 
-__all__ = ["Mode", "Protocol", "PortRange", "CIDRPeer", "EgressRule", "KubernetesSelector",
-           "ContainerSelector", "SelectorKind", "Selector", "Policy"]
+__all__ = ["Mode", "Protocol", "PortRange", "CIDRPeer", "FQDNPeer", "FQDNPatternPeer", "Peer",
+           "EgressRule", "KubernetesSelector", "ContainerSelector", "SelectorKind", "Selector", "Policy"]
 
 
 class Mode(enum.Enum):
@@ -53,23 +53,57 @@ class CIDRPeer:
 
 
 @dataclass(frozen=True, slots=True)
+class FQDNPeer:
+    """A destination by DNS name: the addresses the node resolver answers for ``name``.
+
+    ``name`` is normalised (hostagent.dns.names.normalize_name): lower case, no trailing dot,
+    A-label form for internationalised names.
+    """
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class FQDNPatternPeer:
+    """Destinations by DNS name pattern: one or more leading ``*`` labels, each matching one or
+    more labels, then fixed labels (``*.example.com`` matches ``a.b.example.com``, never
+    ``example.com``). Normalised by hostagent.dns.names.normalize_pattern; docs/fqdn.md."""
+
+    pattern: str
+
+
+Peer = CIDRPeer | FQDNPeer | FQDNPatternPeer
+
+
+@dataclass(frozen=True, slots=True)
 class EgressRule:
     """One entry of ``spec.egress``: destinations x ports that are allowed.
 
     ``to == ()`` means the YAML omitted ``to`` (any destination, as in Kubernetes
     NetworkPolicy); an explicit empty list is rejected at load time, so the two cannot be
-    confused. ``ports == ()`` means all ports, TCP and UDP.
+    confused. A ``to`` listing only names (fqdn, fqdnPattern) allows only the addresses those
+    names resolve to, never any destination. ``ports == ()`` means all ports, TCP and UDP.
     """
 
     index: int
     name: str
-    to: tuple[CIDRPeer, ...]
+    to: tuple[Peer, ...]
     ports: tuple[PortRange, ...]
     line: int
 
     @property
     def any_destination(self) -> bool:
         return not self.to
+
+    @property
+    def cidrs(self) -> tuple[CIDRPeer, ...]:
+        """The peers given as networks, in YAML order."""
+        return tuple(p for p in self.to if isinstance(p, CIDRPeer))
+
+    @property
+    def fqdns(self) -> tuple[FQDNPeer | FQDNPatternPeer, ...]:
+        """The peers given as DNS names or patterns, in YAML order."""
+        return tuple(p for p in self.to if isinstance(p, (FQDNPeer, FQDNPatternPeer)))
 
     @property
     def all_ports(self) -> bool:

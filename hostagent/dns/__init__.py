@@ -1,0 +1,1 @@
+"""DNS: the names policies allow (hostagent.dns.names) and the node resolver."""
