@@ -439,7 +439,7 @@ def _parse_cost(files: AgentFiles, n_rules: int) -> dict:
     """Where reload time goes: the agent's own policy loading and compiling, timed in this
     process on the same directory (no kernel involved)."""
     from hostagent.config import load_config
-    from hostagent.daemon import compile_policies
+    from hostagent.policy.compile import compile_policies
     from hostagent.policy.load import load_policy_dir
 
     cfg = load_config(str(files.config))

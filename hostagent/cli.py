@@ -44,7 +44,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_policy_check(args) -> int:
-    from hostagent.daemon import compile_policies
+    from hostagent.policy.compile import compile_policies
     from hostagent.policy.load import load_policy_dir
 
     cfg = _config(args)
@@ -101,6 +101,14 @@ def cmd_status(args) -> int:
         for path, names in (ident.get("conflicts") or {}).items():
             print(f"  CONFLICT {path}: denied, selected with equal precedence by "
                   f"{', '.join(names)}")
+    dns = status.get("dns") or {}
+    if dns.get("enabled"):
+        r, a = dns.get("resolver") or {}, dns.get("allowances") or {}
+        print(f"dns:         resolver on {dns.get('listen')}, {a.get('open', 0)} addresses "
+              f"opened by answers" + "".join(f", {k} {v}" for k, v in r.items()
+                                              if k in ("queries", "refused", "servfail")))
+    elif dns:
+        print("dns:         resolver off (dns.enabled: false); fqdn rules open nothing")
     for name, (used, cap) in (status.get("map_fill") or {}).items():
         print(f"map {name + ':':10s} {used}/{cap}")
     for p in status["programs"]:

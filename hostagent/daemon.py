@@ -38,7 +38,7 @@ from hostagent.identity.resolver import IdentityResolver, Workload
 from hostagent.metrics.collector import AgentMetrics
 from hostagent.metrics.server import MetricsServer
 from hostagent.policy.bind import Binder
-from hostagent.policy.compile import Ruleset, compile_ruleset
+from hostagent.policy.compile import Ruleset, compile_policies
 from hostagent.policy.load import load_policy_dir
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,6 @@ class Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
-
-
-def compile_policies(policies, protected_networks) -> dict[str, Ruleset]:
-    """protected_networks: metadata and encrypted-DNS endpoints; only rules naming them open
-    them (RULE_NAMED)."""
-    return {p.name: compile_ruleset(p, protected_networks) for p in policies}
 
 
 def policy_dir_snapshot(path: str) -> tuple:
@@ -450,6 +444,16 @@ class Agent:
             out["cgroup_watch"] = self._watch.stats
         return out
 
+    def _dns_status(self) -> dict:
+        if self.resolver is None:
+            return {"enabled": False}
+        a = self.allowances
+        return {"enabled": True, "listen": "%s:%d" % self.resolver.address,
+                "resolver": self.resolver.stats(),
+                "allowances": {"open": len(a), "capacity": a.capacity, "granted": a.granted,
+                               "expired": a.expired, "refused_full": a.failures},
+                "events_dropped": self.dns_gate.events_dropped}
+
     def _write_status(self) -> None:
         status = {
             "pid": os.getpid(), "version": __version__, "time": time.time(),
@@ -462,6 +466,7 @@ class Agent:
             "cgroups": len(self._cgroups),
             "events_received": self._reader.received if self._reader else 0,
             "identity": self._identity_status(),
+            "dns": self._dns_status(),
         }
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         path = os.path.join(self.cfg.state_dir, "status.json")

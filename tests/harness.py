@@ -156,7 +156,10 @@ class TestNode:
         cfg = {"cgroupRoot": str(self.cgroot), "bpffsDir": self.bpffs,
                "stateDir": str(self.tmp / "state"), "policyDir": str(self.policy_dir),
                "metrics": {"listen": "127.0.0.1:0"}, "eventLog": str(self.event_log),
-               "resyncInterval": 0.5, "metadata": {"exempt": []}}
+               "resyncInterval": 0.5, "metadata": {"exempt": []},
+               # a resolver of its own per test; nothing upstream unless a test starts a zone
+               "dns": {"listen": "127.0.0.1:0", "upstreams": ["127.0.0.1:9"],
+                       "upstreamTimeout": 0.5}}
         for key, value in extra.items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
                 cfg[key] = {**cfg[key], **value}

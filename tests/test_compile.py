@@ -87,3 +87,19 @@ def test_binding_nearest_selection_and_specificity():
     assert b[4].policy == "narrow"          # descendants inherit
     assert b[5].policy == "broad"
     assert b[6].exempt and b[7].exempt and b[7].policy is None
+
+
+def test_single_address_rules_are_named_and_broader_ones_are_not():
+    from hostagent.policy.load import load_policy_text
+    text = """apiVersion: hostagent.io/v1
+kind: EgressPolicy
+metadata: {name: a}
+spec:
+  selector: {cgroupPath: /a}
+  egress:
+    - to: [{cidr: 192.0.2.7/32}, {cidr: 198.51.100.0/24}, {cidr: "2001:db8::1"}]
+      ports: [{port: 853}]
+"""
+    rs = compile_ruleset(load_policy_text(text)[0], [])
+    named = {plen: grant for (_, plen), (_, grant) in rs.entries.items()}
+    assert named == {128: True, 96 + 24: False}

@@ -35,6 +35,7 @@ class Listeners:
         self.accepted = {}
         self.received = {}
         self.socks = []
+        self.held = {}
 
     def tcp(self, host, port):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -76,6 +77,50 @@ class Listeners:
         threading.Thread(target=loop, daemon=True).start()
         self.socks.append(s)
         return s.getsockname()[1]
+
+
+def dns_query(cmd):
+    """A real stub query with dnspython, which (like glibc) rejects answers whose source is not
+    the server it asked: an answer proves the kernel showed the reply as coming from there."""
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    q = dns.message.make_query(cmd["name"], cmd.get("type", "A"))
+    server, port = cmd["server"], cmd.get("port", 53)
+    try:
+        if cmd.get("tcp"):
+            r = dns.query.tcp(q, server, port=port, timeout=cmd.get("timeout", 3))
+            tcp = True
+        else:
+            r, tcp = dns.query.udp_with_fallback(q, server, port=port,
+                                                 timeout=cmd.get("timeout", 3))
+    except dns.exception.Timeout:
+        return {"ok": False, "errno": "TIMEOUT"}
+    ips = [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]
+    ttls = [rrset.ttl for rrset in r.answer]
+    return {"rcode": dns.rcode.to_text(r.rcode()), "ips": ips, "ttls": ttls, "tcp": tcp}
+
+
+def dns_connected_udp(cmd):
+    """What glibc does: connect() a UDP socket to the nameserver, send, recvfrom, and compare
+    the reply's source; getpeername() must name the nameserver too."""
+    import dns.message
+
+    q = dns.message.make_query(cmd["name"], "A")
+    s = socket.socket(family(cmd["server"]), socket.SOCK_DGRAM)
+    s.settimeout(cmd.get("timeout", 3))
+    try:
+        s.connect((cmd["server"], cmd.get("port", 53)))
+        peer = s.getpeername()
+        s.send(q.to_wire())
+        data, source = s.recvfrom(65535)
+    finally:
+        s.close()
+    r = dns.message.from_wire(data)
+    return {"peer": list(peer[:2]), "source": list(source[:2]), "id_ok": r.id == q.id,
+            "ips": [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]}
 
 
 def family(host):
@@ -203,6 +248,19 @@ def run(cmd, listeners):
     if op == "mkdir_join":
         os.makedirs(cmd["path"], exist_ok=True)
         join_cgroup(cmd["path"])
+        return {}
+    if op == "dns":
+        return dns_query(cmd)
+    if op == "dns_connected_udp":
+        return dns_connected_udp(cmd)
+    if op == "connect_hold":
+        s = socket.socket(family(cmd["host"]), socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect((cmd["host"], cmd["port"]))
+        listeners.held[cmd["name"]] = s
+        return {}
+    if op == "held_send":
+        listeners.held[cmd["name"]].sendall(b"still open")
         return {}
     if op == "listen_tcp":
         return {"port": listeners.tcp(cmd["host"], cmd.get("port", 0))}

@@ -11,7 +11,8 @@ The rules, with examples, are in docs/fqdn.md. In short:
 * Internationalised names are written in their A-label (``xn--``) form. Non-ASCII input is
   refused, and the message gives the A-label form: queries carry A-labels, and the two IDNA
   standards convert a few letters differently (``faß.de``), so a silent conversion could allow
-  a different name than the author meant. An ``xn--`` label must be valid punycode.
+  a different name than the author meant. An ``xn--`` label must be valid punycode of what an
+  internationalised label can hold.
 * ``*`` appears only in patterns, and only as whole leftmost labels. A leading ``*`` matches ONE
   OR MORE labels: ``*.example.com`` matches ``a.example.com`` and ``a.b.example.com``, never
   ``example.com`` itself (list it as an ``fqdn`` too), ``evilexample.com`` or
@@ -32,6 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
@@ -43,7 +45,14 @@ MAX_LABEL_LENGTH = 63
 
 _WILDCARD = "*"
 _LABEL_RE = re.compile(r"_?[a-z0-9](?:[-a-z0-9]*[a-z0-9])?", re.ASCII)
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_LDH = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")  # letters, digits, hyphen
+_NAME_CHARS = _LDH | {"_", "."}
+# What the U-label of an xn-- label may hold besides _LDH, after RFC 5892 (IDNA 2008): letters,
+# marks and digits ("LetterDigits") that NFKC case folding leaves alone, the exceptions it lists
+# as valid (2.6: ß, final sigma, ...), and the joiners and middle dots it allows in context.
+_IDN_CATEGORIES = frozenset({"Ll", "Lu", "Lo", "Lm", "Mn", "Mc", "Nd"})
+_IDN_EXCEPTIONS = frozenset("\u00df\u03c2\u06fd\u06fe\u0f0b\u3007")
+_IDN_CONTEXT_CHARS = frozenset("\u200c\u200d\u00b7\u0375\u05f3\u05f4\u30fb")
 # Characters someone writing a regular expression would use; '.' and '*' have their own meaning.
 _REGEX_CHARS = frozenset("\\^$|?+()[]{}")
 # What NameMatcher accepts as a query name: looser than a policy name (a '*'-matched label may be
@@ -202,16 +211,45 @@ def _label_problem(label: str) -> str | None:
 
 
 def _a_label_problem(label: str) -> str | None:
-    """An ``xn--`` label must be the punycode of a non-ASCII label, spelt as it encodes."""
+    """An ``xn--`` label must be the punycode of a non-ASCII label, spelt as it encodes, whose
+    characters an internationalised name can have.
+
+    The character check follows RFC 5892's derivation with the standard library only, so that
+    every node accepts the same policies (whether or not the idna package is installed); it is
+    not the full IDNA 2008 table (no per-script context rules), only enough to refuse what no
+    name can hold: punycode alone decodes garbage such as 'xn--abc' to control characters.
+    """
     encoded = label[4:]
     try:
         decoded = encoded.encode("ascii").decode("punycode")
-        valid = not decoded.isascii() and decoded.encode("punycode").decode("ascii") == encoded
+        canonical = decoded.encode("punycode").decode("ascii") == encoded
     except (UnicodeError, ValueError, OverflowError):
-        valid = False
-    if valid:
-        return None
-    return f"label {label!r} starts with 'xn--' but is not a valid A-label (punycode)"
+        return f"label {label!r} starts with 'xn--' but is not a valid A-label (invalid punycode)"
+    valid = (
+        canonical
+        and not decoded.isascii()
+        and all(map(_idn_character, decoded))
+        and unicodedata.is_normalized("NFC", decoded)
+        # RFC 5891 4.2.3.2: a combining mark cannot begin a label (it has nothing to combine with)
+        and not unicodedata.category(decoded[0]).startswith("M")
+    )
+    if not valid:
+        return (
+            f"label {label!r} starts with 'xn--' but is not a valid A-label (its punycode does not "
+            "decode to the letters, marks and digits of an internationalised name, in lower case)"
+        )
+    return None
+
+
+def _idn_character(char: str) -> bool:
+    if char.isascii():
+        return char in _LDH
+    if char in _IDN_EXCEPTIONS or char in _IDN_CONTEXT_CHARS:
+        return True
+    # RFC 5892 "Unstable": a character that case folding or NFKC changes is written as the
+    # character it changes into (upper case 'Ü' as 'ü'), so it never appears in a U-label.
+    stable = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", char).casefold()) == char
+    return stable and unicodedata.category(char) in _IDN_CATEGORIES
 
 
 def _length_problem(name: str) -> str | None:

@@ -78,7 +78,7 @@ class Ruleset:
 
     policy: str
     rule_names: tuple[str, ...]
-    entries: Mapping[Prefix, tuple[tuple[PortEntry, ...], bool]]   # -> (ports, metadata grant)
+    entries: Mapping[Prefix, tuple[tuple[PortEntry, ...], bool]]   # -> (ports, RULE_NAMED)
     digest: str
     fqdn: FqdnRules | None = None
 
@@ -132,8 +132,8 @@ def _fqdn_rules(policy: Policy) -> FqdnRules | None:
         raise PolicyCapacityError(
             f"policy {policy.name}: its {len(rules)} fqdn/fqdnPattern rules have {total} port "
             f"ranges together; the kernel map holds at most {MAX_PORT_RANGES} per destination, and "
-            f"one address can be the answer for names of every one of these rules (merge the "
-            f"rules' ports, or list names with the same ports in one rule)",
+            "one address can be the answer for names of every one of these rules (merge the "
+            "rules' ports, or list names with the same ports in one rule)",
             path=policy.path, line=rules[0].line)
     return FqdnRules(NameMatcher(entries), MappingProxyType(ports))
 
@@ -147,11 +147,14 @@ def _within(p: Prefix, outer: Sequence[Prefix]) -> bool:
 
 
 def compile_ruleset(policy: Policy, metadata: Iterable) -> Ruleset:
-    """The LPM entries of one policy.
+    """The LPM entries of one policy, and its fqdn rules (Ruleset.fqdn).
 
-    metadata: the node's blocked metadata networks (ip_network objects, NAT64 forms included).
-    A prefix inside a metadata endpoint is granted only by rules that name the endpoint itself:
-    broader rules (0.0.0.0/0) never open it, and their ports do not leak into it.
+    metadata: the node's protected networks (metadata endpoints with their NAT64 forms, and
+    encrypted-DNS services). A prefix inside one is granted only by rules that name the endpoint
+    itself: broader rules (0.0.0.0/0) never open it, and their ports do not leak into it.
+    An entry is "named" (RULE_NAMED: may reach protected endpoints and DoT ports) when its
+    prefix lies inside a protected network or is a single address.
+    Raises PolicyCapacityError if a destination's, or the fqdn rules', port ranges do not fit.
     """
     fqdn = _fqdn_rules(policy)
     meta = [key_prefix(n) for n in metadata]
@@ -164,13 +167,14 @@ def compile_ruleset(policy: Policy, metadata: Iterable) -> Ruleset:
     entries: dict[Prefix, tuple[tuple[PortEntry, ...], bool]] = {}
     for prefix in direct:
         addr, plen = prefix
-        grant = prefix in inside_meta
+        inside = prefix in inside_meta
+        grant = inside or plen == 128
         ranges: set[PortEntry] = set()
         for length in lengths:
             if length > plen:
                 break
             outer = (addr & _mask(length), length)
-            if outer in direct and (not grant or outer in inside_meta):
+            if outer in direct and (not inside or outer in inside_meta):
                 ranges |= direct[outer]
         if len(ranges) > MAX_PORT_RANGES:
             raise PolicyCapacityError(
@@ -192,3 +196,10 @@ def _show(prefix: Prefix) -> str:
     addr, plen = prefix
     ip = address_of(addr.to_bytes(16, "big"))
     return f"{ip}/{plen - 96 if ip.version == 4 else plen}"
+
+
+def compile_policies(policies: Iterable[Policy], protected_networks: Iterable) -> dict[str, Ruleset]:
+    """Every policy's ruleset, by policy name. protected_networks: metadata and encrypted-DNS
+    endpoints; only rules naming them open them (RULE_NAMED)."""
+    protected = tuple(protected_networks)
+    return {p.name: compile_ruleset(p, protected) for p in policies}
