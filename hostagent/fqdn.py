@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _V4_MAPPED = 0xFFFF << 32
-_RECENT_NAMES = 65536  # (workload, address) -> name, for connection events; bounded LRU
+_RECENT_NAMES = 65536
+# struct fqdn_key and struct dns_client_key of bpf/lib/abi.h (tests/test_abi.py checks sizes)
+_FQDN_KEY = struct.Struct("<Q16s")
+_CLIENT_KEY = struct.Struct("<16sHBx")  # (workload, address) -> name, for connection events; bounded LRU
 
 
 def key_bytes(addr: IPAddress) -> bytes:
@@ -83,7 +87,7 @@ class Allowances:
         held so nothing reuses them meanwhile. Their names are not known any more."""
         now = time.monotonic_ns()
         for key, value in self._table.items():
-            k = (key.cgroup_id, bytes(key.addr))
+            k = _FQDN_KEY.unpack(bytes(key))
             if value.expires_ns <= now:
                 del self._table[key]
                 continue
@@ -137,8 +141,7 @@ class Allowances:
         return ruleset.fqdn.portentries(rules) if ruleset and ruleset.fqdn else grant.ports
 
     def _write(self, k: tuple[int, bytes], entry: _Entry, old: _Entry | None) -> None:
-        key = self._table.Key(cgroup_id=k[0])
-        key.addr[:] = k[1]
+        key = self._table.Key.from_buffer_copy(_FQDN_KEY.pack(*k))
         self._table[key] = self._table.Leaf(expires_ns=entry.expires_ns,
                                             portset_id=entry.portset,
                                             flags=abi.FQDN_NAMED if entry.named else 0)
@@ -148,8 +151,7 @@ class Allowances:
 
     def _delete(self, k: tuple[int, bytes]) -> None:
         entry = self._entries.pop(k)
-        key = self._table.Key(cgroup_id=k[0])
-        key.addr[:] = k[1]
+        key = self._table.Key.from_buffer_copy(_FQDN_KEY.pack(*k))
         try:
             del self._table[key]
         except KeyError:
@@ -248,8 +250,8 @@ class DnsGate:
     # -- ResolverHooks ----------------------------------------------------------------------------
 
     def attribute(self, src_ip: str, src_port: int, proto: int) -> Client | None:
-        key = self._clients.Key(port=src_port, protocol=proto)
-        key.addr[:] = key_bytes(ipaddress.ip_address(src_ip))
+        key = self._clients.Key.from_buffer_copy(_CLIENT_KEY.pack(
+            key_bytes(ipaddress.ip_address(src_ip)), src_port, proto))
         try:
             value = self._clients[key]
         except KeyError:

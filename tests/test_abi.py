@@ -83,3 +83,10 @@ def test_every_flag_and_size_of_the_header_has_its_python_twin():
               "MAX_ENCRYPTED_DNS_PORTS", "FQDN_NAMED", "RULE_NONE")
     for name in shared:
         assert defines[name] == getattr(abi, name), name
+
+
+def test_user_space_key_layouts_match_the_header():
+    from hostagent import fqdn
+
+    assert fqdn._FQDN_KEY.size == ct.sizeof(abi.FqdnKey)
+    assert fqdn._CLIENT_KEY.size == ct.sizeof(abi.DnsClientKey)

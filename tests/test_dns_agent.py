@@ -60,8 +60,13 @@ class Decoy:
             c.close()
 
     def close(self) -> None:
-        self.udp.close()
-        self.tcp.close()
+        # shutdown wakes the threads blocked in accept/recv; close alone would not free the port
+        for sock in (self.udp, self.tcp):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
 
 class Holder:
@@ -130,15 +135,28 @@ spec:
 """
 
 
+# The default rebindProtect without 127.0.0.0/8: the test's "public" servers live on loopback.
+REBIND = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10",
+          "fc00::/7", "fe80::/10", "::1/128"]
+
+
 def start(node, zone, **dns):
     host, port = zone.address
     node.write_config(dns={"listen": "127.0.0.1:0", "upstreams": [f"{host}:{port}"],
-                           "upstreamTimeout": 1, **dns})
+                           "upstreamTimeout": 1, "rebindProtect": REBIND, **dns})
     return node.start_agent()
 
 
 def query(w, name, **kw):
     return w.do("dns", server=kw.pop("server", DECOY), name=name, **kw)
+
+
+@pytest.fixture
+def ports(node):
+    """Two listeners on 127.0.0.10, in a process no policy governs."""
+    w = node.workload(None)
+    return {"good": w.do("listen_tcp", host="127.0.0.10")["port"],
+            "other": w.do("listen_tcp", host="127.0.0.10")["port"]}
 
 
 def test_allowed_name_is_answered_through_the_redirect_and_opens_only_its_ports(
@@ -148,9 +166,6 @@ def test_allowed_name_is_answered_through_the_redirect_and_opens_only_its_ports(
                                        ports["good"]))
     start(node, zone)
     w = node.workload("agent")
-    listener = node.workload(None)
-    listener.do("listen_tcp", host="127.0.0.10", port=ports["good"])
-    listener.do("listen_tcp", host="127.0.0.10", port=ports["other"])
 
     # before any answer, the address is closed to the workload
     assert w.verdict("connect", host="127.0.0.10", port=ports["good"]) == "EPERM"
@@ -167,9 +182,7 @@ def test_allowed_name_is_answered_through_the_redirect_and_opens_only_its_ports(
     e = node.wait_event(kind="dns", verdict="allow", query__name="api.test")
     assert e["policy"] == "agent" and e["rule"] == "api"
     assert e["workload"]["cgroup_path"] == "/agent"
-    c = node.wait_event(verdict="allow", destination__port=ports["good"], timeout=5) \
-        if node.config_allows_allow_events() else None
-    del c
+    assert e["answers"][0]["ip"] == "127.0.0.10"
 
 
 def test_denied_name_is_refused_and_never_reaches_upstream(node, zone, decoy):
@@ -179,7 +192,7 @@ def test_denied_name_is_refused_and_never_reaches_upstream(node, zone, decoy):
     w = node.workload("agent")
     r = query(w, "secret.test")
     assert r["rcode"] == "REFUSED"
-    assert not any(q[0].rstrip(".") == "secret.test" for q in zone.queries)
+    assert zone.count("secret.test") == 0
     e = node.wait_event(kind="dns", verdict="deny", query__name="secret.test")
     assert e["reason"] == "policy_default" and e["workload"]["cgroup_path"] == "/agent"
     assert decoy.hits == 0

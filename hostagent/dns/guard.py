@@ -11,6 +11,7 @@ import collections
 import ipaddress
 import logging
 import math
+import re
 from collections.abc import Iterable
 
 from hostagent.dns.hooks import IPAddress
@@ -31,6 +32,8 @@ MAX_BUCKETS = 65536
 # this the least recently used pair is forgotten (it can then restart its count: an attacker
 # spraying zones to push its own tunnel zone out still needs 65536 zones a window).
 MAX_TRACKED_ZONES = 65536
+
+_HEX_RUN = re.compile(rb"[0-9a-f]+\Z")
 
 
 def clamp_ttl(ttl: int, lo: int, hi: int) -> int:
@@ -107,7 +110,17 @@ class TunnelGuard:
             collections.OrderedDict()
 
     def shape(self, name_wire: bytes) -> str | None:
-        """Why a name looks like a tunnel by itself ("label_length", "entropy"), or None."""
+        """Why a name looks like a tunnel by itself ("label_length", "entropy"), or None.
+
+        Entropy is measured per run of a label between hyphens, and runs of hex digits only
+        are not measured. Measured over whole labels, the configured defaults (3.8 bits from 24
+        characters) refuse everyday cloud names: "internal-my-internal-lb-1234567890" (an AWS
+        internal load balancer) carries 4.2 bits, "my-company-production-artifacts-bucket" 4.0,
+        the 32-hex-digit ids of Kubernetes load balancers and EKS endpoints up to 4.0. Encoders
+        (base32, base64, base128) do not emit hyphens, so their labels are measured whole; hex
+        (dnscat2) fills labels past the length limit, and every encoding still meets the
+        unique-name limit, which is the check a tunnel cannot avoid.
+        """
         pos = 0
         while True:
             length = name_wire[pos]
@@ -116,8 +129,10 @@ class TunnelGuard:
             if length > self._max_label:
                 return "label_length"
             if length >= self._entropy_min_length:
-                if label_entropy(name_wire[pos + 1:pos + 1 + length]) >= self._entropy_bits:
-                    return "entropy"
+                for run in name_wire[pos + 1:pos + 1 + length].split(b"-"):
+                    if (len(run) >= self._entropy_min_length and not _HEX_RUN.match(run)
+                            and label_entropy(run) >= self._entropy_bits):
+                        return "entropy"
             pos += 1 + length
 
     def admit(self, workload: int, qname: str, now: float) -> bool:
