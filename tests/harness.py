@@ -206,6 +206,13 @@ class TestNode:
 
     # -- evidence ---------------------------------------------------------------------------------
 
+    def status(self) -> dict:
+        """The running agent's status.json ({} until it has written one)."""
+        try:
+            return json.loads((self.tmp / "state" / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
     def events(self) -> list[dict]:
         if not self.event_log.exists():
             return []

@@ -196,3 +196,234 @@ def test_denied_name_is_refused_and_never_reaches_upstream(node, zone, decoy):
     e = node.wait_event(kind="dns", verdict="deny", query__name="secret.test")
     assert e["reason"] == "policy_default" and e["workload"]["cgroup_path"] == "/agent"
     assert decoy.hits == 0
+
+
+def test_tcp_queries_and_truncated_answers_are_redirected_and_governed_alike(node, zone, decoy):
+    zone.add("api.test", "A", "127.0.0.10")
+    zone.big("big.test", 80)
+    node.write_policy("p", fqdn_policy("agent", "/agent",
+                                       "        - fqdn: api.test\n        - fqdn: big.test", 443))
+    start(node, zone)
+    w = node.workload("agent")
+    r = query(w, "api.test", tcp=True)
+    assert (r["rcode"], r["ips"], r["tcp"]) == ("NOERROR", ["127.0.0.10"], True)
+    r = query(w, "big.test")          # UDP answer truncated, the stub retries over TCP
+    assert r["rcode"] == "NOERROR" and r["tcp"] is True and len(r["ips"]) == 80
+    assert query(w, "other.test", tcp=True)["rcode"] == "REFUSED"
+    assert zone.count("other.test") == 0
+    assert decoy.hits == 0
+
+
+def test_a_connected_udp_socket_sees_its_own_nameserver_as_peer_and_source(node, zone, decoy):
+    zone.add("api.test", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: api.test", 443))
+    start(node, zone)
+    w = node.workload("agent")
+    r = w.do("dns_connected_udp", server=DECOY, name="api.test")
+    assert r["peer"] == [DECOY, 53] and r["source"] == [DECOY, 53]
+    assert r["id_ok"] and r["ips"] == ["127.0.0.10"]
+    assert decoy.hits == 0
+
+
+def test_an_ipv6_nameserver_is_redirected_or_refused_never_reached(node, zone, ports):
+    zone.add("api.test", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: api.test",
+                                       ports["good"]))
+    start(node, zone)
+    w = node.workload("agent")
+    # connected (glibc) and TCP: the IPv4 resolver, through its IPv4-mapped address
+    r = w.do("dns_connected_udp", server="::1", name="api.test")
+    assert r["peer"] == ["::1", 53] and r["source"] == ["::1", 53] and r["ips"] == ["127.0.0.10"]
+    assert query(w, "api.test", server="::1", tcp=True)["ips"] == ["127.0.0.10"]
+    assert w.verdict("connect", host="::ffff:127.0.0.10", port=ports["good"]) == "ok"
+    # unconnected sendto: the kernel cannot rewrite it to an IPv4 resolver, so it is refused
+    assert w.verdict("udp_sendto", host="::1", port=53) == "EPERM"
+    node.wait_event(verdict="deny", reason="dns_redirect", hook="sendmsg6")
+
+
+def test_workloads_no_policy_governs_keep_their_own_resolver(node, zone, decoy):
+    start(node, zone)
+    w = node.workload("free")
+    assert query(w, "api.test", timeout=1)["errno"] == "TIMEOUT"  # the decoy never answers
+    wait_for(lambda: decoy.hits >= 1, 5, "the query at the decoy")
+
+
+def test_a_query_the_kernel_did_not_see_leave_a_workload_is_refused(node, zone):
+    zone.add("api.test", "A", "127.0.0.10")
+    start(node, zone)
+    host, port = wait_for(lambda: (node.status().get("dns") or {}).get("listen"), 5,
+                          "status").rsplit(":", 1)
+    # the test process is outside the governed root: no skb record names it
+    r = dns.query.udp(dns.message.make_query("api.test", "A"), host, port=int(port), timeout=3)
+    assert r.rcode() == dns.rcode.REFUSED
+    assert zone.count("api.test") == 0
+    node.wait_event(kind="dns", reason="unattributed")
+
+
+def test_addresses_close_when_ttl_and_grace_run_out_but_open_connections_stay(node, zone):
+    holder = Holder("127.0.0.10")
+    try:
+        zone.add("api.test", "A", "127.0.0.10", ttl=1)
+        node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: api.test",
+                                           holder.port))
+        start(node, zone, ttl={"min": 1, "max": 60, "grace": 1})
+        w = node.workload("agent")
+        assert query(w, "api.test")["ips"] == ["127.0.0.10"]
+        w.do("connect_hold", host="127.0.0.10", port=holder.port, name="c")
+        assert w.verdict("connect", host="127.0.0.10", port=holder.port) == "ok"
+        # closed by the kernel itself once TTL + grace have passed (the sweep only frees memory)
+        wait_for(lambda: w.verdict("connect", host="127.0.0.10", port=holder.port) == "EPERM",
+                 6, "the allowance to expire")
+        w.do("held_send", name="c")
+        wait_for(lambda: holder.received >= len(b"still open"), 5, "data on the open connection")
+        # answering again opens it again
+        assert query(w, "api.test")["ips"] == ["127.0.0.10"]
+        assert w.verdict("connect", host="127.0.0.10", port=holder.port) == "ok"
+    finally:
+        holder.close()
+
+
+def test_rebinding_answers_are_dropped_unless_the_policy_allows_the_range(node, zone):
+    zone.add("inside.test", "A", "10.1.2.3")
+    zone.add("meta.test", "A", "169.254.169.254")
+    zone.add("lab.test", "A", "192.168.7.7")
+    peers = ("        - fqdn: inside.test\n        - fqdn: meta.test\n"
+             "        - fqdn: lab.test\n        - cidr: 192.168.7.0/24")
+    node.write_policy("p", fqdn_policy("agent", "/agent", peers, 443))
+    start(node, zone)
+    w = node.workload("agent")
+    for name in ("inside.test", "meta.test"):
+        r = query(w, name)
+        assert r["rcode"] == "NOERROR" and r["ips"] == [], name
+        e = node.wait_event(kind="dns", query__name=name, reason="rebinding")
+        assert e["dropped"] and e["answers"] == []
+    assert query(w, "lab.test")["ips"] == ["192.168.7.7"]   # the policy names that range
+
+
+def test_every_name_of_a_cname_chain_must_be_allowed(node, zone, ports):
+    zone.add("api.test", "A", "127.0.0.10")
+    zone.add("alias.test", "CNAME", "api.test")
+    zone.add("sneaky.test", "CNAME", "evil.test")
+    zone.add("evil.test", "A", "127.0.0.10")
+    peers = "        - fqdn: alias.test\n        - fqdn: api.test"
+    node.write_policy("p", fqdn_policy("agent", "/agent", peers, ports["good"]))
+    node.write_policy("q", fqdn_policy("agent2", "/agent2", "        - fqdn: sneaky.test",
+                                       ports["good"]))
+    start(node, zone)
+    w = node.workload("agent")
+    assert query(w, "alias.test")["ips"] == ["127.0.0.10"]
+    assert w.verdict("connect", host="127.0.0.10", port=ports["good"]) == "ok"
+    other = node.workload("agent2")
+    assert query(other, "sneaky.test")["rcode"] == "REFUSED"
+    node.wait_event(kind="dns", query__name="sneaky.test", reason="cname_not_allowed")
+    assert other.verdict("connect", host="127.0.0.10", port=ports["good"]) == "EPERM"
+
+
+def test_patterns_match_subdomains_not_the_apex(node, zone):
+    for name in ("a.svc.test", "b.c.svc.test", "svc.test", "evilsvc.test"):
+        zone.add(name, "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdnPattern: '*.svc.test'",
+                                       443))
+    start(node, zone)
+    w = node.workload("agent")
+    assert query(w, "a.svc.test")["rcode"] == "NOERROR"
+    assert query(w, "B.C.SVC.TEST.")["rcode"] == "NOERROR"
+    assert query(w, "svc.test")["rcode"] == "REFUSED"
+    assert query(w, "evilsvc.test")["rcode"] == "REFUSED"
+
+
+def test_tunnel_shaped_queries_get_nothing_through(node, zone):
+    import base64
+    import os
+
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdnPattern: '*.tun.test'",
+                                       443))
+    start(node, zone)
+    w = node.workload("agent")
+    refused = 0
+    for i in range(12):   # iodine-style: base32 payload in long labels
+        label = base64.b32encode(os.urandom(35)).decode().rstrip("=").lower()
+        refused += query(w, f"{label}.{i}.tun.test")["rcode"] == "REFUSED"
+    assert refused == 12
+    assert zone.count() == 0
+    e = node.wait_event(kind="dns", reason="tunnel")
+    assert e["workload"]["cgroup_path"] == "/agent"
+
+
+def test_encrypted_dns_needs_a_rule_naming_it(node, zone):
+    ns = node.namespace(["1.1.1.1"])
+    server = node.workload(None, ns)
+    doh = server.do("listen_tcp", host="1.1.1.1", port=443)["port"]
+    dot = server.do("listen_tcp", host="127.0.0.5", port=853)["port"]
+    zone.add("dns.quad9.net", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", """        - cidr: 0.0.0.0/0
+        - fqdnPattern: '*.quad9.net'""", 443) + """    - name: dot
+      to: [{cidr: 127.0.0.0/8}]
+      ports: [{port: 853}]
+""")
+    start(node, zone)
+    w = node.workload("agent", ns)
+    assert w.verdict("connect", host="1.1.1.1", port=doh) == "EPERM"
+    assert w.verdict("connect", host="127.0.0.5", port=dot) == "EPERM"
+    e = node.wait_event(verdict="deny", reason="encrypted_dns", destination__ip="1.1.1.1")
+    assert e["workload"]["cgroup_path"] == "/agent"
+    assert server.do("counts")["accepted"].get(f"tcp:1.1.1.1:{doh}", 0) == 0
+    # named explicitly, both open
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - cidr: 1.1.1.1/32", 443)
+                      + """    - name: dot
+      to: [{cidr: 127.0.0.5/32}]
+      ports: [{port: 853}]
+""")
+    wait_for(lambda: w.verdict("connect", host="1.1.1.1", port=doh) == "ok", 10, "reload")
+    assert w.verdict("connect", host="127.0.0.5", port=dot) == "ok"
+
+
+def test_encrypted_dns_names_need_the_exact_fqdn(node, zone):
+    zone.add("dns.quad9.net", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdnPattern: '*.quad9.net'",
+                                       443))
+    start(node, zone)
+    w = node.workload("agent")
+    assert query(w, "dns.quad9.net")["rcode"] == "REFUSED"
+    node.wait_event(kind="dns", query__name="dns.quad9.net", reason="encrypted_dns")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: dns.quad9.net", 443))
+    wait_for(lambda: query(w, "dns.quad9.net")["rcode"] == "NOERROR", 10, "reload")
+
+
+def test_connection_events_name_what_the_address_was_resolved_from(node, zone, ports):
+    zone.add("api.test", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: api.test",
+                                       ports["good"]))
+    start(node, zone)
+    w = node.workload("agent")
+    query(w, "api.test")
+    assert w.verdict("connect", host="127.0.0.10", port=ports["other"]) == "EPERM"
+    e = node.wait_event(verdict="deny", destination__port=ports["other"])
+    assert e["destination"]["name"] == "api.test"
+
+
+def test_a_policy_edit_closes_what_it_no_longer_allows(node, zone, ports):
+    zone.add("api.test", "A", "127.0.0.10")
+    zone.add("b.test", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent",
+                                       "        - fqdn: api.test", ports["good"]))
+    start(node, zone)
+    w = node.workload("agent")
+    query(w, "api.test")
+    assert w.verdict("connect", host="127.0.0.10", port=ports["good"]) == "ok"
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: b.test",
+                                       ports["good"]))
+    wait_for(lambda: w.verdict("connect", host="127.0.0.10", port=ports["good"]) == "EPERM",
+             10, "the reload to close api.test's address")
+    assert query(w, "api.test")["rcode"] == "REFUSED"
+
+
+def test_audit_mode_answers_and_reports_names_it_would_refuse(node, zone):
+    zone.add("api.test", "A", "127.0.0.10")
+    node.write_policy("p", fqdn_policy("agent", "/agent", "        - fqdn: other.test", 443,
+                                       mode="audit"))
+    start(node, zone)
+    w = node.workload("agent")
+    assert query(w, "api.test")["ips"] == ["127.0.0.10"]
+    e = node.wait_event(kind="dns", query__name="api.test")
+    assert e["verdict"] == "audit" and e["reason"] == "policy_default"

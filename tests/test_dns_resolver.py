@@ -411,6 +411,24 @@ def test_big_answer_truncated_over_udp_then_full_over_tcp(zone, hooks, ask):
     assert ask.resolver.stats()["truncated"] == 3
 
 
+def test_answers_are_compressed(zone, hooks, ask):
+    """100 records owned by a long CNAME target: the answer stays about as small as the
+    upstream's (pointers), instead of repeating the 200-byte name 100 times."""
+    target = ".".join(["x" * 60] * 3) + ".test"
+    zone.add("short.test", "CNAME", target)
+    zone.big(target, 100)
+    hooks.allow_names("short.test", target)
+    host, port = ask.resolver.address
+    with socket.create_connection((host, port), timeout=3) as sock:
+        q = dns.message.make_query("short.test", "A").to_wire()
+        sock.sendall(struct.pack("!H", len(q)) + q)
+        (length,) = struct.unpack("!H", sock.recv(2, socket.MSG_WAITALL))
+        answer = dns.message.from_wire(sock.recv(length, socket.MSG_WAITALL))
+    assert len(addresses(answer)) == 100
+    assert answer.answer[1].name.to_text() == target + "."
+    assert length < 100 * 16 + 400
+
+
 def test_several_queries_on_one_tcp_connection(zone, hooks, ask):
     for i in range(5):
         zone.add(f"h{i}.test", "A", f"192.0.2.{i + 1}")

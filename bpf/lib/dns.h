@@ -78,8 +78,10 @@ static __always_inline int __dns_redirect(struct bpf_sock_addr *ctx, const struc
 	/* The resolver's own upstream queries: marked (CAP_NET_ADMIN) and from the agent's cgroup. */
 	if (sk->mark == dc->mark && a->cgroup_id == dc->agent_cgroup_id)
 		return 0;
-	if (!v6 && !__resolver_v4(dc)) {
-		/* an IPv4 socket cannot reach an IPv6-only resolver: refuse rather than let it by */
+	if (v6 ? (a->hook == HOOK_SENDMSG6 && __resolver_v4(dc)) : !__resolver_v4(dc)) {
+		/* Refused rather than let by: an IPv4 socket cannot reach an IPv6 resolver, and the
+		 * kernel rejects (ENOTSUPP) a sendmsg6 rewritten to an IPv4-mapped address.
+		 * connect6 to the mapped address works, so connected stubs (glibc) are served. */
 		d->verdict = VERDICT_DENY;
 		return 1;
 	}

@@ -36,7 +36,10 @@ MAX_CNAME_CHAIN = 12
 
 _RR_HEAD = struct.Struct("!HHIH")
 _U32 = struct.Struct("!I")
-_QNAME_POINTER = b"\xc0\x0c"
+_POINTER = struct.Struct("!H")
+# Largest answer section we keep: a TCP message is at most 65535 bytes, and the header, the
+# longest question and our OPT record take the rest.
+MAX_ANSWER_SECTION = 65535 - 12 - 259 - 11
 
 
 class BadAnswer(Exception):
@@ -48,7 +51,7 @@ class Record:
 
     def __init__(self, owner: bytes, rtype: int, rclass: int, ttl: int, rdata: bytes,
                  addr: IPAddress | None) -> None:
-        self.owner = owner  # wire form; _QNAME_POINTER for the question name
+        self.owner = owner  # uncompressed wire form, lower case
         self.rtype = rtype
         self.rclass = rclass
         self.ttl = ttl  # clamped
@@ -57,17 +60,32 @@ class Record:
 
 
 class Template:
-    """The answer section for a list of records, with TTLs aged in whole seconds."""
+    """The answer section for a list of records, with TTLs aged in whole seconds.
+
+    Owner names are compressed: the question name becomes a pointer to offset 12 (where every
+    client's question starts, whatever its case), and a name already written (an owner, or a
+    CNAME target) becomes a pointer to it. Without this, N records owned by a long CNAME target
+    would cost N copies of a 255-byte name, an answer far larger than the reply it came from.
+    """
 
     __slots__ = ("_base", "_ttls", "count", "size", "_age", "_bytes")
 
-    def __init__(self, records: list[Record]) -> None:
+    def __init__(self, qname: bytes, records: list[Record]) -> None:
+        start = 12 + len(qname) + 4  # header, question name, qtype, qclass
+        written = {qname: 12}  # lower-case wire name -> offset in the message
         buf = bytearray()
         ttls = []
         for r in records:
-            buf += r.owner
+            offset = written.get(r.owner)
+            if offset is not None and offset < 0x4000:
+                buf += _POINTER.pack(0xC000 | offset)
+            else:
+                written.setdefault(r.owner, start + len(buf))
+                buf += r.owner
             ttls.append((len(buf) + 4, r.ttl))
             buf += _RR_HEAD.pack(r.rtype, r.rclass, r.ttl, len(r.rdata))
+            if r.rtype == wire.TYPE_CNAME:
+                written.setdefault(r.rdata.lower(), start + len(buf))
             buf += r.rdata
         self._base = bytes(buf)
         self._ttls = tuple(ttls)
@@ -90,11 +108,12 @@ class Template:
 class CacheEntry:
     """One validated answer. ``created``/``expires`` are time.monotonic() values."""
 
-    __slots__ = ("rcode", "records", "cnames", "created", "expires", "protected", "full",
-                 "_variants", "workloads")
+    __slots__ = ("qname", "rcode", "records", "cnames", "created", "expires", "protected",
+                 "full", "_variants", "workloads")
 
-    def __init__(self, rcode: int, records: list[Record], cnames: tuple[str, ...],
+    def __init__(self, qname: bytes, rcode: int, records: list[Record], cnames: tuple[str, ...],
                  created: float, lifetime: int, rebind: RebindFilter) -> None:
+        self.qname = qname  # wire form, lower case
         self.rcode = rcode
         self.records = records
         self.cnames = cnames  # the chain after the question name, as text (lower case)
@@ -102,7 +121,9 @@ class CacheEntry:
         self.expires = created + lifetime
         self.protected = frozenset(r.addr for r in records
                                    if r.addr is not None and rebind.protected(r.addr))
-        self.full = Template(records)
+        self.full = Template(qname, records)
+        if self.full.size > MAX_ANSWER_SECTION:
+            raise BadAnswer(f"answer of {self.full.size} bytes")
         self._variants: dict[frozenset[IPAddress], Template] = {}
         # cgroup id -> the server's per-workload decision for this entry (see server.py).
         self.workloads: dict[int, object] = {}
@@ -122,7 +143,7 @@ class CacheEntry:
         t = self._variants.get(drop)
         if t is None:
             t = self._variants[drop] = Template(
-                [r for r in self.records if r.addr is None or r.addr not in drop])
+                self.qname, [r for r in self.records if r.addr is None or r.addr not in drop])
         return t
 
 
@@ -165,7 +186,7 @@ def build_entry(msg: dns.message.Message, qname: dns.name.Name, qtype: int, qcla
             raise BadAnswer("CNAME chain too long")
     records = []
     for rrset in rrsets:
-        owner = _QNAME_POINTER if rrset.name == qname else rrset.name.to_wire()
+        owner = rrset.name.canonicalize().to_wire()
         ttl = clamp_ttl(rrset.ttl, ttl_min, ttl_max)
         for rdata in rrset:
             addr = None
@@ -182,7 +203,8 @@ def build_entry(msg: dns.message.Message, qname: dns.name.Name, qtype: int, qcla
                 negative = clamp_ttl(min(rrset.ttl, rrset[0].minimum), ttl_min, ttl_max)
                 break
         lifetime = min(lifetime, negative)
-    return CacheEntry(rcode, records, tuple(cnames), now, lifetime, rebind)
+    return CacheEntry(qname.canonicalize().to_wire(), rcode, records, tuple(cnames), now,
+                      lifetime, rebind)
 
 
 def _first_only(rrset):

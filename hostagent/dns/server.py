@@ -87,6 +87,9 @@ TCP_BACKLOG = 128
 # through random names must not grow it without bound).
 MAX_MEMO = 262144
 MAX_NAME_MEMO = 65536
+# Per-workload decisions kept on one cached answer (see _Decision); bounds cache memory at
+# cache_size x this many, whatever the number of workloads.
+MAX_WORKLOADS_PER_ENTRY = 4096
 # start() waits this long for the loop thread to listen; stop() for it to finish.
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -368,6 +371,9 @@ class Resolver:
                 return None
             self._n["queries"] += 1
             now = time.monotonic()
+            # Read once, before any check(): what is decided below is stamped with it, so an
+            # invalidate() that lands meanwhile makes the next query decide again.
+            generation = self._generation
             client = self._hooks.attribute(addr[0], addr[1], proto)
             if client is None:
                 self._n["unattributed"] += 1
@@ -391,7 +397,7 @@ class Resolver:
                 if len(self._names) >= MAX_NAME_MEMO:
                     self._names.clear()
                 qname = self._names[q.key_name] = wire.name_text(q.key_name)
-            verdict = self._verdict(client, qname)
+            verdict = self._verdict(client, qname, generation)
             if verdict.verdict == DENY:
                 self._n["denied"] += 1
                 return self._refuse(q, client, verdict, verdict.reason, addr, proto, qname=qname)
@@ -406,7 +412,8 @@ class Resolver:
                 return self._tunnel_refused(q, client, verdict, qname, addr, proto)
             if entry is not None:
                 self._n["cache_hits"] += 1
-                return self._answer(q, client, verdict, qname, entry, now, addr, proto)
+                return self._answer(q, client, verdict, qname, entry, now, addr, proto,
+                                    generation)
             self._n["cache_misses"] += 1
             responder.pending += 1
             self._spawn(self._miss(q, client, qname, key, addr, proto, responder))
@@ -414,8 +421,7 @@ class Resolver:
         except Exception:
             return self._internal_error(data, q, addr, proto)
 
-    def _verdict(self, client: Client, qname: str) -> NameVerdict:
-        generation = self._generation
+    def _verdict(self, client: Client, qname: str, generation: int) -> NameVerdict:
         key = (client.cgroup_id, qname)
         memo = self._memo.get(key)
         if memo is not None and memo[0] == generation:
@@ -429,18 +435,21 @@ class Resolver:
         return verdict
 
     def _answer(self, q: wire.Query, client: Client, verdict: NameVerdict, qname: str,
-                entry: CacheEntry, now: float, addr: tuple, proto: int) -> bytes:
+                entry: CacheEntry, now: float, addr: tuple, proto: int,
+                generation: int) -> bytes:
         """Answer from a cache entry (the hot path: no dnspython, no allocation beyond the
-        answer bytes and the event)."""
+        answer bytes and the event). ``verdict`` was decided in ``generation``."""
         decision = entry.workloads.get(client.cgroup_id)
         if decision is None or decision.generation != self._generation:
             try:
-                decision = self._decide(client, verdict, qname, entry, now)
+                decision = self._decide(client, verdict, qname, entry, now, generation)
             except _AllowanceFailed:
                 self._n["allowance_failures"] += 1
                 return self._refuse(q, client, verdict, "allowance_failed", addr, proto,
                                     wire.SERVFAIL, qname=qname, verdict_name=verdict.verdict,
                                     cnames=entry.cnames)
+            if len(entry.workloads) >= MAX_WORKLOADS_PER_ENTRY:
+                entry.workloads.clear()  # costs repeated allow() calls, never a wrong answer
             entry.workloads[client.cgroup_id] = decision
         if decision.refuse_name is not None:
             self._n["cname_refused"] += 1
@@ -472,14 +481,14 @@ class Resolver:
         return out
 
     def _decide(self, client: Client, verdict: NameVerdict, qname: str, entry: CacheEntry,
-                now: float) -> _Decision:
+                now: float, generation: int) -> _Decision:
         """Check the chain for this workload, drop rebind-protected addresses it may not see,
         and open the rest in the kernel. Raises _AllowanceFailed."""
-        decision = _Decision(self._generation)
+        decision = _Decision(generation)
         decision.verdict = verdict.verdict
         decision.reason = verdict.reason
         for name in entry.cnames:
-            link = self._verdict(client, name)
+            link = self._verdict(client, name, generation)
             if link.verdict == DENY:
                 decision.refuse_name = name
                 return decision
@@ -541,14 +550,15 @@ class Resolver:
                 out = self._failed(q, client, qname, "overloaded", addr, proto)
             else:
                 # Policy may have changed while we waited: ask again (memoized unless it did).
-                verdict = self._verdict(client, qname)
+                generation = self._generation
+                verdict = self._verdict(client, qname, generation)
                 if verdict.verdict == DENY:
                     self._n["denied"] += 1
                     out = self._refuse(q, client, verdict, verdict.reason, addr, proto,
                                        qname=qname)
                 else:
                     out = self._answer(q, client, verdict, qname, entry, time.monotonic(), addr,
-                                       proto)
+                                       proto, generation)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -621,7 +631,7 @@ class Resolver:
 
     def _failed(self, q: wire.Query, client: Client, qname: str, reason: str, addr: tuple,
                 proto: int) -> bytes:
-        verdict = self._verdict(client, qname)
+        verdict = self._verdict(client, qname, self._generation)
         return self._refuse(q, client, verdict, reason, addr, proto, wire.SERVFAIL, qname=qname,
                             verdict_name=verdict.verdict)
 
