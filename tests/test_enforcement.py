@@ -49,7 +49,8 @@ def test_allowed_destination_connects_denied_port_gets_eperm(node, listener):
     assert e["policy"] == "agent-a"
     assert e["workload"]["cgroup_path"] == "/agent-a"
     assert e["workload"]["pid"] == w.pid
-    assert e["destination"] == {"ip": "127.0.0.2", "port": p["tcp4b"], "protocol": "tcp"}
+    assert e["destination"] == {"ip": "127.0.0.2", "port": p["tcp4b"], "protocol": "tcp",
+                                "name": None}
     assert e["hook"] == "connect4"
 
 
@@ -190,7 +191,8 @@ def test_task_moved_after_socket_keeps_creator_policy(node, listener):
     e = node.wait_event(verdict="deny", hook="skb_egress")
     assert e["workload"]["cgroup_path"] == "/agent-a"
     assert e["policy"] == "agent-a"
-    assert e["destination"] == {"ip": "127.0.0.2", "port": p["tcp4b"], "protocol": "tcp"}
+    assert e["destination"] == {"ip": "127.0.0.2", "port": p["tcp4b"], "protocol": "tcp",
+                                "name": None}
     assert _counts(listener)["accepted"][f"tcp:127.0.0.2:{p['tcp4b']}"] == before
     # an allowed destination still works from the new cgroup: nothing else was broken
     w2 = node.workload("agent-a")

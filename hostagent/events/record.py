@@ -51,8 +51,9 @@ def to_dict(e: abi.Event, clock: BootClock, policy_name: Callable[[int], str],
     comm = e.comm.decode(errors="replace")
     if e.hook != abi.Hook.SOCK_CREATE:
         dest = {"ip": str(abi.address_of(bytes(e.daddr))), "port": e.dport,
-                "protocol": protocol_name(e.protocol)}
+                "protocol": protocol_name(e.protocol), "name": None}
     return {
+        "kind": "connection",
         "time": clock.wall(e.time_ns).isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "verdict": abi.Verdict(e.verdict).name.lower(),
         "reason": abi.Reason(e.reason).name.lower(),
