@@ -191,6 +191,7 @@ class Agent:
         upstreams = cfg.upstreams or system_upstreams()
         self.resolver = Resolver(cfg, self.dns_gate, upstreams=upstreams)
         self.resolver.start()
+        self._dns_listen = "%s:%d" % self.resolver.address
         self.metrics.registry.register(DnsCollector(self.resolver))
         self.enforcement.write_dns_config(self.resolver.address, cfg.socket_mark,
                                           own_cgroup_id(self.root), cfg.encrypted_dns_ports)
@@ -448,7 +449,7 @@ class Agent:
         if self.resolver is None:
             return {"enabled": False}
         a = self.allowances
-        return {"enabled": True, "listen": "%s:%d" % self.resolver.address,
+        return {"enabled": True, "listen": self._dns_listen,
                 "resolver": self.resolver.stats(),
                 "allowances": {"open": len(a), "capacity": a.capacity, "granted": a.granted,
                                "expired": a.expired, "refused_full": a.failures},

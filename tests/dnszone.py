@@ -116,16 +116,17 @@ class DnsZone:
 
     def remove(self, name: str, rdtype: str | None = None) -> None:
         owner = _name(name)
+        rdt = None if rdtype is None else dns.rdatatype.from_text(rdtype)
         with self._lock:
-            for key in [k for k in self._records
-                        if k[0] == owner and (rdtype is None or k[1] == dns.rdatatype.from_text(rdtype))]:
+            for key in [k for k in self._records if k[0] == owner and rdt in (None, k[1])]:
                 del self._records[key]
 
     def big(self, name: str, count: int = 100, ttl: int = 300) -> None:
         """``count`` A records in 198.51.100.0/24 and 203.0.113.0/24 (TEST-NET-2/3): with 100,
         the answer is ~1.6 kB, over both 512 bytes and the 1232-byte EDNS payload."""
         for i in range(count):
-            self.add(name, "A", f"{'198.51.100' if i < 250 else '203.0.113'}.{i % 250 + 1}", ttl=ttl)
+            prefix = "198.51.100" if i < 250 else "203.0.113"
+            self.add(name, "A", f"{prefix}.{i % 250 + 1}", ttl=ttl)
 
     # ---- behaviours -----------------------------------------------------------------------
 

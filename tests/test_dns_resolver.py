@@ -17,7 +17,6 @@ import struct
 import threading
 import time
 
-import dns.exception
 import dns.flags
 import dns.message
 import dns.query
@@ -280,7 +279,8 @@ def test_cname_chain_every_link_checked(zone, hooks, ask):
     hooks.allow_names("www.test", "edge.cdn.test", "pop1.cdn.test")
     answer = ask.udp("www.test")
     assert addresses(answer) == ["192.0.2.20"]
-    assert [rrset.rdtype for rrset in answer.answer] == [dns.rdatatype.CNAME] * 2 + [dns.rdatatype.A]
+    assert [rrset.rdtype for rrset in answer.answer] == \
+        [dns.rdatatype.CNAME, dns.rdatatype.CNAME, dns.rdatatype.A]
     assert {name for _, name in hooks.checks} == {"www.test", "edge.cdn.test", "pop1.cdn.test"}
     [opened] = hooks.allows_for("www.test")
     assert opened.addrs == [("192.0.2.20", 120)]
@@ -300,6 +300,17 @@ def test_cname_to_a_disallowed_name_is_refused(zone, hooks, ask):
     assert event["rcode"] == "REFUSED"
 
 
+def test_cname_link_in_audit_is_answered_and_reported(zone, hooks, ask):
+    zone.add("www.test", "CNAME", "new.cdn.test")
+    zone.add("new.cdn.test", "A", "192.0.2.21")
+    hooks.allow_names("www.test")
+    hooks.policy["new.cdn.test"] = audited()
+    assert addresses(ask.udp("www.test")) == ["192.0.2.21"]
+    [event] = hooks.find(name="www.test")
+    assert (event["verdict"], event["reason"]) == ("audit", "cname_not_allowed")
+    assert hooks.allows_for("www.test")
+
+
 def test_cname_loop_is_servfail(zone, hooks, ask):
     zone.add("a.loop.test", "CNAME", "b.loop.test")
     zone.add("b.loop.test", "CNAME", "a.loop.test")
@@ -312,7 +323,8 @@ def test_records_off_the_chain_are_dropped(zone, hooks, ask):
     def junk(query, peer, proto, default):
         response = dns.message.from_wire(default)
         response.answer.append(dns.rrset.from_text("other.test.", 300, "IN", "A", "192.0.2.250"))
-        response.additional.append(dns.rrset.from_text("ns.evil.test.", 300, "IN", "A", "192.0.2.251"))
+        response.additional.append(
+            dns.rrset.from_text("ns.evil.test.", 300, "IN", "A", "192.0.2.251"))
         return [response.to_wire()]
     zone.add("api.test", "A", "192.0.2.10")
     zone.responder("api.test", junk)
@@ -370,12 +382,23 @@ def test_ttls_are_clamped(zone, hooks, ask):
     assert [a.addrs[0][1] for a in hooks.allows] == [5, 3600, 5]
 
 
+def test_template_is_rebuilt_once_per_second_of_age():
+    from hostagent.dns.cache import Record, Template
+
+    rec = Record(b"\x03api\x04test\x00", 1, 1, 300, bytes([192, 0, 2, 1]), None)
+    template = Template(b"\x03api\x04test\x00", [rec])
+    assert template.at(0)[:2] == b"\xc0\x0c"  # the owner points at the question
+    first = template.at(3)
+    assert template.at(3) is first  # not rebuilt within the same second
+    assert struct.unpack_from("!I", first, 6)[0] == 297
+
+
 def test_cached_ttls_count_down(zone, hooks, ask):
     zone.add("api.test", "A", "192.0.2.10", ttl=300)
     hooks.allow_names("api.test")
     assert ttls(ask.udp("api.test")) == [300]
     time.sleep(1.2)
-    assert ttls(ask.udp("api.test")) == [299]
+    assert ttls(ask.udp("api.test")) in ([299], [298])  # 298 only on a stalled machine
     assert zone.count("api.test") == 1
 
 
@@ -427,6 +450,27 @@ def test_answers_are_compressed(zone, hooks, ask):
     assert len(addresses(answer)) == 100
     assert answer.answer[1].name.to_text() == target + "."
     assert length < 100 * 16 + 400
+
+
+def test_ipv6_listen_address(zone, hooks):
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    zone.add("api.test", "A", "192.0.2.10")
+    hooks.allow_names("api.test")
+    resolver = Resolver(config(listen=("::1", 0)), hooks, upstreams=[zone.address])
+    resolver.start()
+    try:
+        host, port = resolver.address
+        assert host == "::1"
+        for send in (dns.query.udp, dns.query.tcp):
+            answer = send(dns.message.make_query("api.test", "A"), host, timeout=3, port=port)
+            assert addresses(answer) == ["192.0.2.10"]
+    finally:
+        resolver.stop()
+    assert {e["client"]["ip"] for e in hooks.events} == {"::1"}
 
 
 def test_several_queries_on_one_tcp_connection(zone, hooks, ask):
@@ -558,13 +602,13 @@ def test_silent_upstream_times_out_then_is_skipped(zone, hooks):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as black_hole:
         black_hole.bind((HOST, 0))
         with running(hooks, [black_hole.getsockname(), zone.address],
-                     upstream_timeout=0.4) as ask:
+                     upstream_timeout=1.0) as ask:
             t0 = time.monotonic()
             assert addresses(ask.udp("a.test")) == ["192.0.2.1"]
-            assert time.monotonic() - t0 >= 0.35  # waited for the first upstream
+            assert time.monotonic() - t0 >= 0.95  # waited for the first upstream
             t0 = time.monotonic()
             assert addresses(ask.udp("b.test")) == ["192.0.2.2"]
-            assert time.monotonic() - t0 < 0.3  # the first upstream is backing off
+            assert time.monotonic() - t0 < 0.5  # the first upstream is backing off
             health = {u["upstream"]: u["healthy"] for u in ask.resolver.stats()["upstreams"]}
         assert list(health.values()) == [False, True]
 
@@ -635,7 +679,7 @@ def test_only_hostile_replies_is_servfail_and_not_cached(zone, hooks, ask):
     zone.responder("api.test", wrong_only)
     assert ask.udp("api.test").rcode() == dns.rcode.SERVFAIL
     zone.normal("api.test")
-    time.sleep(1.1)  # the upstream backs off for a second after the timeout
+    # The only upstream is backing off, but with none healthy all are asked.
     assert addresses(ask.udp("api.test")) == ["192.0.2.10"]
 
 

@@ -51,8 +51,10 @@ import uvloop
 from hostagent.config import DnsConfig
 from hostagent.dns import wire
 from hostagent.dns.cache import AnswerCache, BadAnswer, CacheEntry, build_entry
-from hostagent.dns.guard import EventLimiter, RateLimitedLog, RateLimiter, RebindFilter, TunnelGuard
-from hostagent.dns.hooks import ALLOW, AUDIT, DENY, VERDICTS, Client, NameVerdict, ResolverHooks
+from hostagent.dns.guard import (EventLimiter, RateLimitedLog, RateLimiter, RebindFilter,
+                                 TunnelGuard)
+from hostagent.dns.hooks import (ALLOW, AUDIT, DENY, VERDICTS, Client, NameVerdict,
+                                 ResolverHooks)
 from hostagent.dns.upstream import UpstreamFailure, UpstreamPool, system_upstreams
 from hostagent.errors import HostAgentError
 
@@ -211,8 +213,11 @@ class Resolver:
             if self._thread is not None:
                 raise ResolverError("the resolver is already running")
             upstreams = self._upstreams
-            if upstreams is None:
-                upstreams = self._cfg.upstreams or system_upstreams()
+            try:
+                if upstreams is None:
+                    upstreams = self._cfg.upstreams or system_upstreams()
+            except UpstreamFailure as err:
+                raise ResolverError(str(err)) from None
             host, port = self._cfg.listen
             for up_host, up_port in upstreams:
                 if _same_address(up_host, host) and up_port == port:
@@ -271,7 +276,18 @@ class Resolver:
             self._generation += 1
 
     def stats(self) -> dict:
-        """Counters for status and metrics. Safe to call from any thread."""
+        """Counters for status and metrics. Safe to call from any thread.
+
+        Plain ints, unless noted: queries (parsed), cache_hits, cache_misses, coalesced,
+        denied, cname_refused, tunnel_refused, rate_limited, unattributed, malformed, dropped,
+        truncated, internal_errors, allowance_failures, upstream_failures, overloaded,
+        rebinding_drops, tcp_rejected, tcp_timeouts, emitted, emit_errors, events_suppressed,
+        cache_entries, inflight, tcp_connections, generation; listening (bool); address
+        ([host, port] or None); queries_by ([{policy, verdict, rcode, count}]); upstreams
+        ([{upstream, healthy, failures}]); upstream_failures_by ({upstream: n});
+        upstream_latency ({counts: per LATENCY_BUCKETS bucket then +Inf, sum: seconds});
+        upstream_ignored_replies, upstream_tcp_fallbacks.
+        """
         out: dict = dict(self._n)
         pool = self._pool
         out["queries_by"] = [{"policy": p, "verdict": v, "rcode": r, "count": n}
@@ -389,7 +405,8 @@ class Resolver:
                                     wire.BADVERS, flood_key=("badvers", cgroup), now=now)
             if q.qclass != wire.CLASS_IN or q.qtype in (wire.TYPE_AXFR, wire.TYPE_IXFR,
                                                          wire.TYPE_MAILA, wire.TYPE_MAILB):
-                rcode = wire.NOTIMP if q.qtype in (wire.TYPE_MAILA, wire.TYPE_MAILB) else wire.REFUSED
+                rcode = (wire.NOTIMP if q.qtype in (wire.TYPE_MAILA, wire.TYPE_MAILB)
+                         else wire.REFUSED)
                 return self._refuse(q, client, None, "unsupported_query", addr, proto, rcode,
                                     flood_key=("unsupported", cgroup), now=now)
             qname = self._names.get(q.key_name)

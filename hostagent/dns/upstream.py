@@ -232,7 +232,8 @@ def _matches(data: bytes, txid: int, question: bytes) -> bool:
 def _parse(data: bytes) -> dns.message.Message:
     try:
         return dns.message.from_wire(data, ignore_trailing=False)
-    except Exception as err:  # noqa: BLE001 - hostile input; dnspython raises more than DNSException
+    # Hostile input: dnspython raises more than DNSException on some (ValueError, ...).
+    except Exception as err:  # noqa: BLE001
         raise _BadReply(f"unparseable reply: {err}") from None
 
 
