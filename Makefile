@@ -20,3 +20,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# hostagent's resolver next to dnsmasq and unbound (dnsperf, cached answers); `ARGS=--quick`
+# for a smoke run. Writes docs/benchmarks-dns.md after a full run.
+.PHONY: bench-dns
+bench-dns: setup
+	$(PY) -m bench.dns $(ARGS)
