@@ -159,15 +159,10 @@ def _non_ascii_problem(text: str) -> str:
 
 def _a_label(label: str) -> str:
     """A non-ASCII label in A-label form (raises UnicodeError)."""
-    try:
-        # IDNA 2008 with the UTS 46 mapping, as registries and browsers convert names. The idna
-        # package comes with requests (kubernetes) but is not a dependency of ours, so it is
-        # optional, and imported here, not at import time, as only this error message needs it.
-        import idna
-    except ImportError:
-        # The standard library's codec is IDNA 2003, which maps a few letters differently
-        # (ß -> ss); the result is only a suggestion in an error message, never applied.
-        return label.encode("idna").decode("ascii")
+    # IDNA 2008 with the UTS 46 mapping, as registries and browsers convert names (the stdlib
+    # codec is IDNA 2003: ß -> ss). Imported here: only this error message needs it.
+    import idna
+
     return idna.encode(label, uts46=True).decode("ascii")
 
 
@@ -215,7 +210,7 @@ def _a_label_problem(label: str) -> str | None:
     characters an internationalised name can have.
 
     The character check follows RFC 5892's derivation with the standard library only, so that
-    every node accepts the same policies (whether or not the idna package is installed); it is
+    every node accepts the same policies whatever idna version is installed; it is
     not the full IDNA 2008 table (no per-script context rules), only enough to refuse what no
     name can hold: punycode alone decodes garbage such as 'xn--abc' to control characters.
     """
