@@ -19,8 +19,14 @@
 #define SKB_DROP 0
 #define SKB_PASS 1
 
-/* __skb_destination() - fill @a from the packet's headers. Returns 0, or -1 if unparseable. */
-static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_args *a)
+/*
+ * __skb_destination() - fill @a, and the packet's source, from its headers.
+ * @src: out, source address (IPv4 mapped) and port, for the DNS sender record
+ *
+ * Returns: 0, or -1 if unparseable.
+ */
+static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_args *a,
+					     struct dns_client_key *src)
 {
 	__u32 l4off;
 	__u8 l4proto;
@@ -34,6 +40,10 @@ static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_
 		a->daddr[1] = 0;
 		a->daddr[2] = bpf_htonl(0xffff);
 		a->daddr[3] = ip.daddr;
+		src->addr[0] = 0;
+		src->addr[1] = 0;
+		src->addr[2] = bpf_htonl(0xffff);
+		src->addr[3] = ip.saddr;
 		a->family = HA_AF_INET;
 		l4proto = ip.protocol;
 		l4off = ip.ihl * 4;
@@ -43,6 +53,7 @@ static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
 			return -1;
 		__builtin_memcpy(a->daddr, &ip6.daddr, sizeof(a->daddr));
+		__builtin_memcpy(src->addr, &ip6.saddr, sizeof(src->addr));
 		a->family = HA_AF_INET6;
 		/* extension headers are not walked: their packets are judged without a port */
 		l4proto = ip6.nexthdr;
@@ -51,12 +62,15 @@ static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_
 		return -1;
 	}
 	a->protocol = l4proto;
+	src->protocol = l4proto;
 	if (l4proto == IPPROTO_TCP || l4proto == IPPROTO_UDP) {
-		__u16 port;
+		__u16 ports[2];
 
-		/* dest is the second 16-bit field of both headers */
-		if (!bpf_skb_load_bytes(skb, l4off + 2, &port, sizeof(port)))
-			a->dport = bpf_ntohs(port);
+		/* source and dest are the first two 16-bit fields of both headers */
+		if (!bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports))) {
+			src->port = bpf_ntohs(ports[0]);
+			a->dport = bpf_ntohs(ports[1]);
+		}
 	}
 	return 0;
 }
@@ -64,10 +78,12 @@ static __always_inline int __skb_destination(struct __sk_buff *skb, struct emit_
 int skb_egress(struct __sk_buff *skb)
 {
 	struct emit_args a = { .hook = HOOK_SKB_EGRESS, .in_task = 0 };
+	struct dns_client_key src = {};
 	struct bpf_sock *sk = skb->sk;
+	struct dns_config *dc;
 	struct binding *b;
 	struct decision d;
-	int raw;
+	int raw, same_task;
 
 	if (!sk)
 		return SKB_PASS;
@@ -79,13 +95,20 @@ int skb_egress(struct __sk_buff *skb)
 	if (!raw) {
 		if (sk->protocol != IPPROTO_UDP && sk->state != BPF_TCP_SYN_SENT)
 			return SKB_PASS;
-		__dns_record_sender(skb, a.cgroup_id);
-		if (a.cgroup_id == bpf_get_current_cgroup_id())
+		/* headers are read only for a judge or a resolver that needs them */
+		dc = __dns_config();
+		same_task = a.cgroup_id == bpf_get_current_cgroup_id();
+		if (same_task && !dc)
 			return SKB_PASS;
-	}
-
-	if (__skb_destination(skb, &a))
+		if (__skb_destination(skb, &a, &src))
+			return SKB_PASS;
+		if (dc)
+			__dns_record_sender(skb, dc, &a, &src);
+		if (same_task)
+			return SKB_PASS;
+	} else if (__skb_destination(skb, &a, &src)) {
 		return SKB_PASS;
+	}
 	b = __binding_of_skb(skb, a.cgroup_id);
 	if (raw) {
 		__decide_raw(b, &d);

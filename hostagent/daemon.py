@@ -139,8 +139,8 @@ class Agent:
             raise error  # nothing is enforced yet and nothing valid to enforce: refuse to start
 
         t0 = time.monotonic()
-        self.programs = loader.Programs(cfg.bpffs_dir, loader.Limits(cfg.max_rules,
-                                                                      cfg.max_cgroups))
+        self.programs = loader.Programs(cfg.bpffs_dir, loader.Limits(
+            cfg.max_rules, cfg.max_cgroups, cfg.dns.max_allowances))
         log.info("programs compiled and loaded in %.2fs", time.monotonic() - t0)
         self.enforcement = Enforcement(self.programs, cfg.state_dir, cfg.max_rules,
                                        cfg.max_cgroups)

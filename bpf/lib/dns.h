@@ -23,7 +23,12 @@ static __always_inline struct dns_config *__dns_config(void)
 	__u32 zero = 0;
 	struct dns_config *dc = dns_config_map.lookup(&zero);
 
-	return dc && (dc->flags & DNS_REDIRECT) ? dc : NULL;
+	if (!dc || !(dc->flags & DNS_REDIRECT))
+		return NULL;
+	/* keeps clang from turning the test into a mask on the pointer (verifier: "bitwise
+	 * operator &= on pointer prohibited") */
+	asm volatile("" : "+r"(dc));
+	return dc;
 }
 
 static __always_inline int __is_resolver(const struct dns_config *dc, const __u32 daddr[4],
@@ -129,8 +134,10 @@ static __always_inline void __dns_unredirect(struct bpf_sock_addr *ctx, int v6)
 	if (!dc || ctx->user_port != bpf_htons(dc->port))
 		return;
 	if (v6) {
-		if (ctx->user_ip6[0] != dc->addr[0] || ctx->user_ip6[1] != dc->addr[1] ||
-		    ctx->user_ip6[2] != dc->addr[2] || ctx->user_ip6[3] != dc->addr[3])
+		__u32 shown[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+				   ctx->user_ip6[3] };
+
+		if (!__is_resolver(dc, shown, dc->port))
 			return;
 		ctx->user_ip6[0] = o->addr[0];
 		ctx->user_ip6[1] = o->addr[1];
@@ -147,57 +154,23 @@ static __always_inline void __dns_unredirect(struct bpf_sock_addr *ctx, int v6)
 /*
  * __dns_record_sender() - skb egress: remember which socket sent a packet to the resolver.
  * @skb: a UDP datagram or TCP SYN
- * @cgid: the socket's cgroup
- *
- * Headers are read only for these packets, and only when a resolver is configured.
+ * @dc: the resolver
+ * @a: the packet's destination, and the socket's cgroup
+ * @src: the packet's source (the record's key once protocol and port are in)
  */
-static __always_inline void __dns_record_sender(struct __sk_buff *skb, __u64 cgid)
+static __always_inline void __dns_record_sender(struct __sk_buff *skb,
+						const struct dns_config *dc,
+						const struct emit_args *a, struct dns_client_key *src)
 {
-	struct dns_client_key key = {};
 	struct dns_client val;
-	struct dns_config *dc = __dns_config();
-	__u32 daddr[4], l4off;
-	__u16 ports[2];
-	__u8 l4proto;
 
-	if (!dc)
+	if (a->protocol != IPPROTO_UDP && a->protocol != IPPROTO_TCP)
 		return;
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		struct iphdr ip;
-
-		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
-			return;
-		key.addr[2] = bpf_htonl(0xffff);
-		key.addr[3] = ip.saddr;
-		daddr[0] = 0;
-		daddr[1] = 0;
-		daddr[2] = bpf_htonl(0xffff);
-		daddr[3] = ip.daddr;
-		l4proto = ip.protocol;
-		l4off = ip.ihl * 4;
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr ip6;
-
-		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
-			return;
-		__builtin_memcpy(key.addr, &ip6.saddr, sizeof(key.addr));
-		__builtin_memcpy(daddr, &ip6.daddr, sizeof(daddr));
-		l4proto = ip6.nexthdr;
-		l4off = sizeof(ip6);
-	} else {
+	if (!__is_resolver(dc, a->daddr, a->dport))
 		return;
-	}
-	if (l4proto != IPPROTO_UDP && l4proto != IPPROTO_TCP)
-		return;
-	if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)))
-		return;
-	if (!__is_resolver(dc, daddr, bpf_ntohs(ports[1])))
-		return;
-	key.port = bpf_ntohs(ports[0]);
-	key.protocol = l4proto;
-	val.cgroup_id = cgid;
+	val.cgroup_id = a->cgroup_id;
 	val.sock_cookie = bpf_get_socket_cookie(skb);
-	if (dns_clients.update(&key, &val))
+	if (dns_clients.update(src, &val))
 		COUNT_ERROR(ERROR_DNS_CLIENT);
 }
 

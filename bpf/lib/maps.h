@@ -3,7 +3,7 @@
  * Every map of hostagent, pinned under HOSTAGENT_PIN_DIR (the node config's bpffsDir, given as
  * a cflag by the loader) so that enforcement survives the agent: a restarted agent compiles the
  * same declarations and bcc reopens the pinned maps instead of creating new ones.
- * Sizes come from cflags too (limits.* in the node config).
+ * Sizes come from cflags too (limits.* and dns.maxAllowances in the node config).
  */
 #ifndef HOSTAGENT_MAPS_H
 #define HOSTAGENT_MAPS_H

@@ -103,6 +103,7 @@ def source_text(src_dir: Path) -> str:
 class Limits:
     max_rules: int
     max_cgroups: int
+    max_fqdn: int = 65536  # dns.maxAllowances
 
 
 class Programs:
@@ -114,7 +115,8 @@ class Programs:
         check_kernel_headers()
         src = bpf_source_dir()
         cflags = [f"-I{src}", f'-DHOSTAGENT_PIN_DIR="{pin_dir}"',
-                  f"-DMAX_RULES={limits.max_rules}", f"-DMAX_CGROUPS={limits.max_cgroups}"]
+                  f"-DMAX_RULES={limits.max_rules}", f"-DMAX_CGROUPS={limits.max_cgroups}",
+                  f"-DMAX_FQDN={limits.max_fqdn}"]
         try:
             self.bpf = BPF(text=source_text(src), cflags=cflags)
         except Exception as err:  # bcc raises bare Exception; keep its words
