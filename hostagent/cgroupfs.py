@@ -104,6 +104,13 @@ def resolve_root(configured: str, mountinfo: str = "/proc/self/mountinfo") -> Cg
     return CgroupRoot(path, max(inside, key=len))
 
 
+def parent_path(path: str) -> str | None:
+    """The parent of a cgroup path relative to the root ("/a/b" -> "/a"); None for the root."""
+    if path == "/":
+        return None
+    return path.rsplit("/", 1)[0] or "/"
+
+
 def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup") -> int:
     """The cgroup v2 id of this process (the "0::" line of /proc/self/cgroup), 0 if unknown."""
     try:

@@ -23,7 +23,7 @@ import psutil
 from hostagent import __version__
 from hostagent.bpf import abi, loader
 from hostagent.bpf.bpffs import ensure_pin_dir
-from hostagent.cgroupfs import CgroupRoot, own_cgroup_id, resolve_root
+from hostagent.cgroupfs import CgroupRoot, own_cgroup_id, parent_path, resolve_root
 from hostagent.cgroupwatch import CgroupWatcher
 from hostagent.config import DefaultAction, NodeConfig
 from hostagent.enforcement import Enforcement
@@ -205,8 +205,7 @@ class Agent:
         if b is not None:
             return b
         path = self._paths.get(cgid)
-        while path and path != "/":
-            path = path.rsplit("/", 1)[0] or "/"
+        while path and (path := parent_path(path)) is not None:
             parent = self._cgroups.get(path)
             if parent is not None and (b := self.enforcement.binding(parent)) is not None:
                 return b

@@ -12,13 +12,13 @@ one stays in force.
 
 from __future__ import annotations
 
-import ctypes as ct
+import ipaddress
 import json
 import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hostagent.bpf import abi
@@ -162,9 +162,7 @@ class Enforcement:
         for i, port in enumerate(list(encrypted_ports)[:abi.MAX_ENCRYPTED_DNS_PORTS]):
             dc.encrypted_ports[i] = port
         if listen is not None:
-            import ipaddress
-            addr = ipaddress.ip_address(listen[0])
-            dc.addr[:] = abi.as_v6_network(ipaddress.ip_network(addr)).network_address.packed
+            dc.addr[:] = abi.address_key(ipaddress.ip_address(listen[0]))
             dc.port = listen[1]
             dc.flags = abi.DNS_REDIRECT
         table = self._t["dns_config_map"]

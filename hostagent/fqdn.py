@@ -32,18 +32,10 @@ from hostagent.policy.compile import PortEntry, Ruleset
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_V4_MAPPED = 0xFFFF << 32
 _RECENT_NAMES = 65536
 # struct fqdn_key and struct dns_client_key of bpf/lib/abi.h (tests/test_abi.py checks sizes)
 _FQDN_KEY = struct.Struct("<Q16s")
 _CLIENT_KEY = struct.Struct("<16sHBx")  # (workload, address) -> name, for connection events; bounded LRU
-
-
-def key_bytes(addr: IPAddress) -> bytes:
-    """The kernel's 16-byte form: IPv4 as ::ffff:a.b.c.d."""
-    if addr.version == 4:
-        return (_V4_MAPPED | int(addr)).to_bytes(16, "big")
-    return addr.packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +97,11 @@ class Allowances:
         now = time.monotonic_ns()
         with self._lock:
             for addr, _ in addrs:
-                self._remember(cgid, key_bytes(addr), name)
+                self._remember(cgid, abi.address_key(addr), name)
             if grant.ports is None:
                 return
             for addr, ttl in addrs:
-                k = (cgid, key_bytes(addr))
+                k = (cgid, abi.address_key(addr))
                 expires = now + ttl * 1_000_000_000 + self._grace_ns
                 old = self._entries.get(k)
                 if old is not None and old.expires_ns > now and old.ruleset_id == grant.ruleset_id:
@@ -215,13 +207,6 @@ class Allowances:
                                       self._enf.hold_portset(ports), entry.names), entry)
 
 
-@dataclass(frozen=True)
-class _Binding:
-    ruleset_id: int
-    mode: int
-    flags: int
-
-
 _DEFAULT_VERDICT = {DefaultAction.ALLOW: "allow", DefaultAction.AUDIT: "audit",
                     DefaultAction.DENY: "deny"}
 
@@ -239,7 +224,6 @@ class DnsGate:
         self._clients = programs["dns_clients"]
         self._enf = enforcement
         self.allowances = allowances
-        self._cfg = cfg
         self._default = default_action
         self._binding_of = binding_of
         self._encrypted_names = frozenset(cfg.encrypted_dns_names)
@@ -251,7 +235,7 @@ class DnsGate:
 
     def attribute(self, src_ip: str, src_port: int, proto: int) -> Client | None:
         key = self._clients.Key.from_buffer_copy(_CLIENT_KEY.pack(
-            key_bytes(ipaddress.ip_address(src_ip)), src_port, proto))
+            abi.address_key(ipaddress.ip_address(src_ip)), src_port, proto))
         try:
             value = self._clients[key]
         except KeyError:
@@ -322,12 +306,13 @@ class DnsGate:
 
 
 def _explicit_checker(entries: Mapping[tuple[int, int], object]) -> Callable[[IPAddress], bool]:
-    prefixes = frozenset(entries) - {(0, 0), (_V4_MAPPED, 96)}
+    prefixes = frozenset(entries) - {abi.key_prefix(ipaddress.ip_network("0.0.0.0/0")),
+                                     abi.key_prefix(ipaddress.ip_network("::/0"))}
     lengths = sorted({plen for _, plen in prefixes}, reverse=True)
     full = (1 << 128) - 1
 
     def explicit(addr: IPAddress) -> bool:
-        value = int.from_bytes(key_bytes(addr), "big")
+        value = int.from_bytes(abi.address_key(addr), "big")
         return any((value & (full ^ ((1 << (128 - plen)) - 1)), plen) in prefixes
                    for plen in lengths)
     return explicit

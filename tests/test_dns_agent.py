@@ -8,10 +8,8 @@ if anything reaches it: an answer that arrives anyway came through the redirect.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
-import time
 
 import dns.message
 import dns.query

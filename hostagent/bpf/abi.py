@@ -287,6 +287,14 @@ def key_prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int,
 _V4_MAPPED_INT = int(_V4_MAPPED.network_address)
 
 
+def address_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """The kernel's 16-byte form of an address (IPv4 as ::ffff:a.b.c.d); address_of() reverses
+    it."""
+    if addr.version == 4:
+        return (_V4_MAPPED_INT | int(addr)).to_bytes(16, "big")
+    return addr.packed
+
+
 def address_of(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Decode a 16-byte kernel address; IPv4-mapped ones come back as IPv4."""
     addr = ipaddress.IPv6Address(bytes(raw))

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hostagent.bpf.abi import BindingMode
+from hostagent.cgroupfs import parent_path
 from hostagent.identity.layout import CgroupIdentity, Kind, parse_cgroup_path
 from hostagent.policy.model import Mode, Policy, Selector, SelectorKind
 from hostagent.policy.selector import compile_cgroup_pattern, name_glob_specificity, specificity
@@ -68,13 +69,6 @@ class _Direct:
 
 
 _NOTHING = _Direct()
-
-
-def _parent(path: str) -> str | None:
-    if path == "/":
-        return None
-    head = path.rsplit("/", 1)[0]
-    return head or "/"
 
 
 class Binder:
@@ -179,7 +173,7 @@ class Binder:
         self._ids = dict(cgroups)
         self._children = {}
         for path in cgroups:
-            parent = _parent(path)
+            parent = parent_path(path)
             if parent is not None:
                 self._children.setdefault(parent, set()).add(path)
         self._resolved = {}
@@ -193,7 +187,7 @@ class Binder:
         for path in stack:
             if path not in self._ids:
                 self._ids[path] = cgroups[path]
-                parent = _parent(path)
+                parent = parent_path(path)
                 if parent is not None:
                     self._children.setdefault(parent, set()).add(path)
         seen: set[str] = set()
@@ -212,7 +206,7 @@ class Binder:
             self._resolved.pop(path, None)
             self.conflicts.pop(path, None)
             self._children.pop(path, None)
-            parent = _parent(path)
+            parent = parent_path(path)
             if parent is not None and parent in self._children:
                 self._children[parent].discard(path)
 
@@ -223,7 +217,7 @@ class Binder:
             cgid = self._ids[path]
             direct = self._direct(path, cgid)
             exempt = any(r.fullmatch(path) for r in self._exempt)
-            parent = _parent(path)
+            parent = parent_path(path)
             inherited = self._resolved.get(parent) if parent is not None else None
             if not direct.selects and inherited is not None and not inherited[0].parent_only:
                 direct = inherited[0]
