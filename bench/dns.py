@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -56,15 +55,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.env import (AgentFiles, BenchError, Cleanup, host_facts, make_cgroup, run_cmd,
-                       start_agent)
-from bench.report import update_docs
+from bench.env import (AgentFiles, BenchError, Cleanup, exit_on_sigterm, host_facts,
+                       make_cgroup, run_cmd, start_agent)
+from bench.report import RESULTS_DIR, publish, rerender
 from hostagent.cgroupfs import cgroup2_mount
 
 log = logging.getLogger("bench.dns")
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks-dns.md"
 BEGIN = "<!-- dns-bench:begin -->"
 END = "<!-- dns-bench:end -->"
@@ -516,12 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.from_results:
-        results = json.loads(args.from_results.read_text())
-        results["evaluation"] = evaluate(results)
-        raw = args.from_results.resolve()
-        text = render(results, raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)
-        update_docs(args.docs or DOCS, text, BEGIN, END)
-        log.info("wrote %s from %s", args.docs or DOCS, raw)
+        rerender(args.from_results, evaluate, render, args.docs or DOCS, BEGIN, END)
         return 0
     if os.geteuid() != 0:
         log.error("the benchmark starts the agent (BPF programs, cgroups): run it as root")
@@ -532,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, **overrides)
     docs = None if args.no_docs else (args.docs or (None if args.quick else DOCS))
 
-    signal.signal(signal.SIGTERM, _raise_exit)
+    exit_on_sigterm()
     started = time.monotonic()
     try:
         ensure_tools()
@@ -559,22 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     results["pytest_running_at_end"] = len(other_tests_running())
     results["evaluation"] = evaluate(results)
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    raw = RESULTS_DIR / f"dns-{stamp}{'-quick' if args.quick else ''}.json"
-    raw.write_text(json.dumps(results, indent=1))
-    text = render(results, raw.relative_to(REPO))
-    if docs is not None:
-        update_docs(docs, text, BEGIN, END)
-        log.info("wrote %s", docs)
-    else:
-        print(text)
-    log.info("raw results: %s (%.0f s in all)", raw, results["duration_s"])
+    publish(results, "dns-", args.quick, render, docs, BEGIN, END)
     return 0
-
-
-def _raise_exit(signum, _frame):
-    raise SystemExit(128 + signum)
 
 
 def _rmtree(path: Path) -> None:

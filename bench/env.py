@@ -346,3 +346,10 @@ def host_facts(**extra) -> dict:
         **extra,
         "loadavg_start": os.getloadavg(),
     }
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds through the finally blocks (the cleanup) like Ctrl-C does."""
+    def _raise_exit(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _raise_exit)

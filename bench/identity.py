@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ctypes as ct
 import dataclasses
-import datetime
 import errno
 import gc
 import glob
@@ -47,7 +46,6 @@ import os
 import random
 import select
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -60,9 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import stats
-from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, host_facts,
+from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, exit_on_sigterm, host_facts,
                        rmdir_cgroup, run_cmd, start_agent)
-from bench.report import update_docs as _update_docs
+from bench.report import RESULTS_DIR, publish, rerender
 from hostagent.bpf.syscall import raw as _bpf
 from hostagent.bpf import abi, syscall
 from hostagent.cgroupfs import cgroup2_mount
@@ -74,7 +72,6 @@ from hostagent.identity.resolver import IdentityResolver
 log = logging.getLogger("bench.identity")
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks-identity.md"
 BEGIN = "<!-- identity-bench:begin -->"
 END = "<!-- identity-bench:end -->"
@@ -1303,12 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.from_results:
-        results = json.loads(args.from_results.read_text())
-        results["evaluation"] = evaluate(results)
-        raw = args.from_results.resolve()
-        _update_docs(args.docs or DOCS,
-                    render(results, raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw))
-        log.info("wrote %s from %s", args.docs or DOCS, raw)
+        rerender(args.from_results, evaluate, render, args.docs or DOCS, BEGIN, END)
         return 0
     if os.geteuid() != 0:
         log.error("the benchmark creates cgroups and loads BPF programs: run it as root")
@@ -1321,7 +1313,7 @@ def main(argv: list[str] | None = None) -> int:
     full_run = not args.quick and not args.only
     docs = None if args.no_docs else (args.docs or (DOCS if full_run else None))
 
-    signal.signal(signal.SIGTERM, _raise_exit)
+    exit_on_sigterm()
     started = time.monotonic()
     results = {
         "command": " ".join(["python -m bench.identity",
@@ -1337,26 +1329,12 @@ def main(argv: list[str] | None = None) -> int:
     results["duration_s"] = time.monotonic() - started
     results["evaluation"] = evaluate(results)
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    raw = RESULTS_DIR / f"identity-{stamp}{'-quick' if args.quick else ''}.json"
-    raw.write_text(json.dumps(results, indent=1, default=_json_default))
-    text = render(results, raw.relative_to(REPO))
-    if docs is not None:
-        _update_docs(docs, text, BEGIN, END)
-        log.info("wrote %s", docs)
-    else:
-        print(text)
-    log.info("raw results: %s (%.0f s in all)", raw, results["duration_s"])
+    publish(results, "identity-", args.quick, render, docs, BEGIN, END, _json_default)
     return 0
 
 
 def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
-def _raise_exit(signum, _frame):
-    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

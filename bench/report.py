@@ -12,8 +12,12 @@ them is replaced by a run.
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import stats
@@ -299,3 +303,42 @@ def update_docs(path: Path, generated: str, begin: str = BEGIN, end: str = END) 
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + generated
     path.write_text(text)
+
+
+# -- what every benchmark does with its results --------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+_log = logging.getLogger("bench.report")
+
+
+def _shown(raw: Path) -> Path:
+    raw = raw.resolve()
+    return raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw
+
+
+def rerender(raw: Path, evaluate: Callable[[dict], dict], render: Callable[[dict, Path], str],
+             docs: Path, begin: str = BEGIN, end: str = END) -> None:
+    """--from-results: measure nothing, evaluate a raw results file again and write its block."""
+    results = json.loads(raw.read_text())
+    results["evaluation"] = evaluate(results)
+    update_docs(docs, render(results, _shown(raw)), begin, end)
+    _log.info("wrote %s from %s", docs, raw)
+
+
+def publish(results: dict, prefix: str, quick: bool, render: Callable[[dict, Path], str],
+            docs: Path | None, begin: str = BEGIN, end: str = END,
+            json_default: Callable | None = None) -> Path:
+    """Keep the raw results under bench/results and write (or print) the rendered block."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    raw = RESULTS_DIR / f"{prefix}{stamp}{'-quick' if quick else ''}.json"
+    raw.write_text(json.dumps(results, indent=1, default=json_default))
+    text = render(results, _shown(raw))
+    if docs is not None:
+        update_docs(docs, text, begin, end)
+        _log.info("wrote %s", docs)
+    else:
+        print(text)
+    _log.info("raw results: %s (%.0f s in all)", raw, results["duration_s"])
+    return raw

@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import random
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +40,7 @@ from pathlib import Path
 
 from bench import report, rules, workload
 from bench.env import (AgentFiles, BenchError, Cleanup, attached_programs, bpf_stats_enabled,
-                       host_facts,
+                       exit_on_sigterm, host_facts,
                        cgroup_level, load_nft_table, make_cgroup, make_netns, nft_cgroup_path,
                        prog_stats, run_cmd, start_agent, write_agent_config)
 from bench.workload import Place, Watch
@@ -52,7 +49,6 @@ from hostagent.cgroupfs import cgroup2_mount
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
 
 # Control-plane timeouts: generous multiples of what was seen, so a hang fails the run.
@@ -126,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.from_results:
-        results = json.loads(args.from_results.read_text())
-        results["evaluation"] = report.evaluate(results)
-        raw = args.from_results.resolve()
-        text = report.render(results, raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw)
-        report.update_docs(args.docs or DOCS, text)
-        log.info("wrote %s from %s", args.docs or DOCS, raw)
+        report.rerender(args.from_results, report.evaluate, report.render, args.docs or DOCS)
         return 0
     if os.geteuid() != 0:
         log.error("the benchmark loads BPF programs and nft tables: run it as root")
@@ -142,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, **overrides)
     docs = None if args.no_docs else (args.docs or (None if args.quick else DOCS))
 
-    # SIGTERM must unwind through the finally blocks like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _raise_exit)
+    exit_on_sigterm()
     workload.build()
     started = time.monotonic()
     results = {
@@ -162,22 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     results["duration_s"] = time.monotonic() - started
     results["evaluation"] = report.evaluate(results)
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    raw = RESULTS_DIR / f"{stamp}{'-quick' if args.quick else ''}.json"
-    raw.write_text(json.dumps(results, indent=1))
-    text = report.render(results, raw.relative_to(REPO))
-    if docs is not None:
-        report.update_docs(docs, text)
-        log.info("wrote %s", docs)
-    else:
-        print(text)
-    log.info("raw results: %s (%.0f s in all)", raw, results["duration_s"])
+    report.publish(results, "", args.quick, report.render, docs)
     return 0
-
-
-def _raise_exit(signum, _frame):
-    raise SystemExit(128 + signum)
 
 
 def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
@@ -256,8 +232,8 @@ def _rmtree(path: Path) -> None:
 
 def _keep_log(path: Path) -> None:
     if path.exists():
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / "agent-last.log").write_text(path.read_text())
+        report.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (report.RESULTS_DIR / "agent-last.log").write_text(path.read_text())
 
 
 def _stage_policy(files: AgentFiles, v: Variant, cidrs: list[str]) -> tuple[Path, Path]:
