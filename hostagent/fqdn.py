@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import struct
 import threading
 import time
@@ -32,10 +33,19 @@ from hostagent.policy.compile import PortEntry, Ruleset
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_RECENT_NAMES = 65536
+_RECENT_NAMES = 65536  # (workload, address) -> name, for connection events; bounded LRU
 # struct fqdn_key and struct dns_client_key of bpf/lib/abi.h (tests/test_abi.py checks sizes)
 _FQDN_KEY = struct.Struct("<Q16s")
-_CLIENT_KEY = struct.Struct("<16sHBx")  # (workload, address) -> name, for connection events; bounded LRU
+_CLIENT_KEY = struct.Struct("<16sHBx")
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def source_key(text: str) -> bytes:
+    """abi.address_key() of an address in text form, with inet_pton rather than ipaddress:
+    the resolver attributes every query by its source, so this is on its hot path."""
+    if ":" in text:
+        return socket.inet_pton(socket.AF_INET6, text)
+    return _V4_MAPPED_PREFIX + socket.inet_pton(socket.AF_INET, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +245,7 @@ class DnsGate:
 
     def attribute(self, src_ip: str, src_port: int, proto: int) -> Client | None:
         key = self._clients.Key.from_buffer_copy(_CLIENT_KEY.pack(
-            abi.address_key(ipaddress.ip_address(src_ip)), src_port, proto))
+            source_key(src_ip), src_port, proto))
         try:
             value = self._clients[key]
         except KeyError:

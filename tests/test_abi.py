@@ -90,3 +90,12 @@ def test_user_space_key_layouts_match_the_header():
 
     assert fqdn._FQDN_KEY.size == ct.sizeof(abi.FqdnKey)
     assert fqdn._CLIENT_KEY.size == ct.sizeof(abi.DnsClientKey)
+
+
+def test_the_resolver_attribution_key_is_address_key():
+    import ipaddress
+
+    from hostagent import fqdn
+
+    for text in ("127.0.0.1", "10.1.2.3", "::1", "fd00::5", "::ffff:10.0.0.1"):
+        assert fqdn.source_key(text) == abi.address_key(ipaddress.ip_address(text)), text
