@@ -172,14 +172,6 @@ class Enforcement:
         """The ruleset installed under an id (None once replaced)."""
         return self._by_ruleset_id.get(ruleset_id)
 
-    def hold_portset(self, ports: tuple[PortEntry, ...]) -> int:
-        with self._portset_lock:
-            return self._portset(ports)
-
-    def release_portset(self, pid: int) -> None:
-        with self._portset_lock:
-            self._release_portset(pid)
-
     def adopt_portset(self, pid: int) -> None:
         """Hold a port set a previous agent's DNS allowance points at, by its kernel content."""
         with self._portset_lock:
@@ -196,11 +188,13 @@ class Enforcement:
 
     # -- rulesets ---------------------------------------------------------------------------------
 
-    def _portset(self, ports: tuple[PortEntry, ...]) -> int:
+    def hold_portset(self, ports: tuple[PortEntry, ...]) -> int:
+        """The id of a port set with this content, written if new; one more reference to it.
+        Thread-safe: the resolver holds port sets for DNS allowances during reloads."""
         with self._portset_lock:
-            return self._portset_locked(ports)
+            return self._hold_portset(ports)
 
-    def _portset_locked(self, ports: tuple[PortEntry, ...]) -> int:
+    def _hold_portset(self, ports: tuple[PortEntry, ...]) -> int:
         slot = self._portsets.get(ports)
         if slot:
             slot[1] += 1
@@ -222,11 +216,12 @@ class Enforcement:
         self._portset_content[pid] = ports
         return pid
 
-    def _release_portset(self, pid: int) -> None:
+    def release_portset(self, pid: int) -> None:
+        """Drop one reference; the last one frees the slot."""
         with self._portset_lock:
-            self._release_portset_locked(pid)
+            self._release_portset(pid)
 
-    def _release_portset_locked(self, pid: int) -> None:
+    def _release_portset(self, pid: int) -> None:
         ports = self._portset_content.get(pid)
         if ports is None:
             return
@@ -247,7 +242,7 @@ class Enforcement:
         values = bytearray()
         portsets = []
         for (addr, plen), (ports, grant) in ruleset.entries.items():
-            pid = self._portset(ports)
+            pid = self.hold_portset(ports)
             portsets.append(pid)
             keys += _RULE_KEY.pack(32 + plen, rid_be, addr.to_bytes(16, "big"))
             values += _RULE_VALUE.pack(pid, abi.RULE_NAMED if grant else 0)
@@ -282,7 +277,7 @@ class Enforcement:
                     except KeyError:
                         pass  # already gone: deletion is the goal
         for pid in inst.portsets:
-            self._release_portset(pid)
+            self.release_portset(pid)
         self.rule_entries -= n
 
     def _gc_adopted(self) -> None:
