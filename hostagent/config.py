@@ -326,11 +326,12 @@ def _rcode(value: object) -> str:
 
 
 def _dns_name(value: object) -> str:
-    if not isinstance(value, str) or not re.fullmatch(
-            r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.?",
-            value.lower()):
-        raise ValueError(f"{value!r}: not a DNS name in A-label form")
-    return value.lower().rstrip(".")
+    """An exact DNS name, normalised as policies' fqdn peers are (hostagent.dns.names)."""
+    from hostagent.dns.names import normalize_name
+
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r}: expected a DNS name")
+    return normalize_name(value)
 
 
 def _bounded_int(lo: int, hi: int) -> Callable[[object], int]:

@@ -591,3 +591,15 @@ def test_packaged_file_sets_every_leaf_of_the_schema():
     for dotted in module._ATTRS:
         leaf = dotted.rsplit(".", 1)[-1]
         assert re.search(rf"(^\s*|[{{,]\s*){leaf}:", text, re.M), dotted
+
+
+@pytest.mark.parametrize("name, ok", [("Dns.Google.", "dns.google"), ("a..b", None),
+                                      ("*.google", None), ("10.0.0.1", None)])
+def test_encrypted_dns_names_are_normalised_like_policy_fqdns(tmp_path, name, ok):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"dns:\n  encryptedDns:\n    names: [{name!r}]\n")
+    if ok is None:
+        with pytest.raises(ConfigError, match="dns.encryptedDns.names"):
+            load_config(path)
+    else:
+        assert load_config(path).dns.encrypted_dns_names == (ok,)
