@@ -144,9 +144,8 @@ class Agent:
         log.info("programs compiled and loaded in %.2fs", time.monotonic() - t0)
         self.enforcement = Enforcement(self.programs, cfg.state_dir, cfg.max_rules,
                                        cfg.max_cgroups)
-        self.enforcement.write_protected(
-            cfg.metadata.blocked_networks(),
-            cfg.dns.encrypted_dns_endpoints if cfg.dns.enabled else ())
+        self.enforcement.write_protected(cfg.metadata.blocked_networks(),
+                                         self._encrypted_dns_endpoints())
         if error is None:
             self._install(policies, new_generation=True)
         else:
@@ -192,7 +191,8 @@ class Agent:
         self.resolver = Resolver(cfg, self.dns_gate, upstreams=upstreams)
         self.resolver.start()
         self._dns_listen = "%s:%d" % self.resolver.address
-        self.metrics.registry.register(DnsCollector(self.resolver))
+        self.metrics.registry.register(
+            DnsCollector(self.resolver, on_error=self.metrics.collector_errors.inc))
         self.enforcement.write_dns_config(self.resolver.address, cfg.socket_mark,
                                           own_cgroup_id(self.root), cfg.encrypted_dns_ports)
         log.info("DNS resolver on %s:%d, upstreams %s", *self.resolver.address,
@@ -214,8 +214,7 @@ class Agent:
     def _on_rebind(self, cgids: set[int]) -> None:
         """Bindings changed: the resolver forgets what it decided, and DNS allowances keep
         only what the new policy still allows."""
-        if self.resolver is not None:
-            self.resolver.invalidate()
+        self.resolver.invalidate()
         gone = {c for c in cgids if self.enforcement.binding(c) is None}
         self.allowances.forget(gone)
         self.allowances.rebound(cgids - gone, self.dns_gate.recheck)
@@ -275,10 +274,12 @@ class Agent:
         except PolicyError as err:
             return None, err
 
+    def _encrypted_dns_endpoints(self) -> tuple:
+        """Blocked only where the resolver is there to take their place."""
+        return self.cfg.dns.encrypted_dns_endpoints if self.cfg.dns.enabled else ()
+
     def _protected_networks(self) -> tuple:
-        dns = self.cfg.dns
-        return (*self.cfg.metadata.blocked_networks(),
-                *(dns.encrypted_dns_endpoints if dns.enabled else ()))
+        return (*self.cfg.metadata.blocked_networks(), *self._encrypted_dns_endpoints())
 
     def _set_cgroups(self, cgroups: dict[str, int]) -> None:
         self._cgroups = dict(cgroups)
