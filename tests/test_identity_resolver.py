@@ -235,9 +235,10 @@ def spawn():
     def _spawn(*argv: str, **kw) -> subprocess.Popen:
         p = subprocess.Popen(list(argv), **kw)
         children.append(p)
-        # the child is ours from fork; wait until it has exec'd argv[0]
+        # the child is ours from fork; wait until it has exec'd argv[0]. exec names the task
+        # (comm) before it sets up the new argument pages: until then cmdline reads empty
         name = os.path.basename(argv[0])[:15]
-        wait_for(lambda: _comm(p.pid) == name, 5.0, f"{argv[0]} to start")
+        wait_for(lambda: _comm(p.pid) == name and _cmdline(p.pid), 5.0, f"{argv[0]} to start")
         return p
 
     yield _spawn
@@ -247,6 +248,14 @@ def spawn():
         p.wait()
         if p.stdin is not None:
             p.stdin.close()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _comm(pid: int) -> str | None:
@@ -322,7 +331,8 @@ def test_exec_since_the_lookup_is_noticed(spawn):
     assert shell.cmdline == ("sh", "-c", "read line; exec sleep 30")
     p.stdin.write(b"go\n")
     p.stdin.flush()
-    wait_for(lambda: _comm(p.pid) == "sleep", 5.0, "the exec")
+    wait_for(lambda: _comm(p.pid) == "sleep" and _cmdline(p.pid).startswith(b"sleep"), 5.0,
+             "the exec")
     info = cache.lookup(p.pid, "sleep")                  # within the TTL, yet read again
     assert (info.exe, info.cmdline, info.matches_kernel) == (SLEEP, ("sleep", "30"), True)
     assert info.started == shell.started                 # same process, new program
