@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test bench proto clean
+.PHONY: setup run test bench clean
 
 setup:
 	@scripts/setup.sh
@@ -19,7 +19,7 @@ bench: setup
 	$(PY) -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache hostagent/v1
 
 # hostagent's resolver next to dnsmasq and unbound (dnsperf, cached answers); `ARGS=--quick`
 # for a smoke run. Writes docs/benchmarks-dns.md after a full run.

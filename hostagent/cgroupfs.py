@@ -45,7 +45,7 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
     points = mounts_of_type("cgroup2", mountinfo)
     if not points:
         raise SetupError("no cgroup v2 filesystem is mounted (cgroup v1-only nodes are not "
-                         f"supported; see docs/troubleshooting.md)", path=mountinfo)
+                         "supported; see docs/deploy-vm.md, Troubleshooting)", path=mountinfo)
     # the shortest is the hierarchy's top when it is mounted more than once
     return min(points, key=len)
 

@@ -16,7 +16,7 @@ from hostagent.errors import HostAgentError
 DEFAULT_CONFIG = "/etc/hostagent/hostagent.yaml"
 
 FLAGS = {"policyDir": "--policy-dir", "metrics.listen": "--metrics-listen",
-         "eventLog": "--event-log"}
+         "eventLog": "--event-log", "grpc.listen": "--grpc-listen"}
 
 
 def _config(args, **overrides):
@@ -37,6 +37,7 @@ def cmd_run(args) -> int:
     # paths on the command line are relative to where the user stands, as with any tool
     cfg = _config(args, **{"policyDir": _abs(args.policy_dir),
                            "metrics.listen": args.metrics_listen,
+                           "grpc.listen": args.grpc_listen,
                            "eventLog": args.event_log if args.event_log in (None, "", "-")
                            else _abs(args.event_log)})
     logging.getLogger().setLevel(cfg.log_level.upper())
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy-dir", metavar="DIR")
     run.add_argument("--metrics-listen", metavar="HOST:PORT")
     run.add_argument("--event-log", metavar="FILE|-")
+    run.add_argument("--grpc-listen", metavar="HOST:PORT|unix:///PATH",
+                     help="the gRPC event API (grpc.listen); \"\" turns it off")
     run.set_defaults(func=cmd_run)
 
     policy = sub.add_parser("policy", help="policy tools")
@@ -168,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall = with_config(sub.add_parser("uninstall",
                                            help="detach everything and remove pinned objects"))
     uninstall.set_defaults(func=cmd_uninstall)
+
+    from hostagent.api.tail import register as register_events
+    register_events(sub)
     return p
 
 

@@ -191,6 +191,15 @@ class NodeConfig:
     unit_spiffe_template: str = "spiffe://{trustDomain}/node/{node}/unit/{unit}"
     container_spiffe_template: str = "spiffe://{trustDomain}/node/{node}/container/{containerId}"
     dns: DnsConfig = DnsConfig()
+    # the gRPC event API (hostagent.api): HOST:PORT or unix:///path; None = off
+    grpc_listen: str | None = "127.0.0.1:50051"
+    grpc_tls_cert: str | None = None       # PEM files; no cert = plain text (loopback/unix only)
+    grpc_tls_key: str | None = None
+    grpc_tls_client_ca: str | None = None  # set: clients need a certificate from this CA
+    grpc_max_subscribers: int = 16         # concurrent GetEvents streams
+    event_buffer: int = 20000              # events kept in memory for subscribers to resume
+    event_spool_max_bytes: int = 64 << 20  # on-disk spool under stateDir; 0 = none
+    aggregate_window: float = 0.0          # seconds identical allowed flows fold into one; 0 = off
     source: str | None = None  # the file it was loaded from; None for defaults only
 
 
@@ -302,6 +311,19 @@ def _event_log(value: object) -> str | None:
     return converters.absolute_path(value)
 
 
+def _grpc_listen(value: object) -> str | None:
+    """HOST:PORT, [IPv6]:PORT or unix:///absolute/path; "" or null turns the API off."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.startswith("unix:"):
+        path = value.removeprefix("unix://").removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"{value!r}: a Unix socket path must be absolute (unix:///run/...)")
+        return "unix://" + path
+    host, port = converters.host_port(value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _dns_listen(value: object) -> tuple[str, int]:
     host, port = converters.host_port(value)
     try:
@@ -387,6 +409,14 @@ _ATTRS: Mapping[str, str] = types.MappingProxyType({
     "metrics.listen": "metrics_listen",
     "eventLog": "event_log",
     "events.allow": "emit_allow_events",
+    "events.replayBuffer": "event_buffer",
+    "events.spool.maxBytes": "event_spool_max_bytes",
+    "events.aggregate.window": "aggregate_window",
+    "grpc.listen": "grpc_listen",
+    "grpc.tls.cert": "grpc_tls_cert",
+    "grpc.tls.key": "grpc_tls_key",
+    "grpc.tls.clientCA": "grpc_tls_client_ca",
+    "grpc.maxSubscribers": "grpc_max_subscribers",
     "resyncInterval": "resync_interval",
     "limits.maxRules": "max_rules",
     "limits.maxCgroups": "max_cgroups",
@@ -443,7 +473,14 @@ def _schema() -> _Section:
         }),
         "metrics": _Section({"listen": _metrics_listen}),
         "eventLog": _event_log,
-        "events": _Section({"allow": converters.boolean}),
+        "events": _Section({"allow": converters.boolean,
+                            "replayBuffer": _bounded_int(1000, 10**7),
+                            "spool": _Section({"maxBytes": _bounded_int(0, 2**40)}),
+                            "aggregate": _Section({"window": _bounded_float(0.0, 3600.0)})}),
+        "grpc": _Section({"listen": _grpc_listen,
+                          "tls": _Section({"cert": _optional_path, "key": _optional_path,
+                                           "clientCA": _optional_path}),
+                          "maxSubscribers": _bounded_int(1, 1024)}),
         "resyncInterval": _resync_interval,
         "limits": _Section({"maxRules": _map_entries, "maxCgroups": _map_entries}),
         "logLevel": converters.log_level,
@@ -656,6 +693,19 @@ def _load_overrides(overrides: Mapping[str, object], flag_names: Mapping[str, st
     return out
 
 
+def _check_grpc(values: Mapping[str, object], source: str | None) -> None:
+    """Plain text only where no one else can listen in; a key without a certificate is a typo."""
+    where = source or "config"
+    cert, key = values["grpc_tls_cert"], values["grpc_tls_key"]
+    if bool(cert) != bool(key) or (values["grpc_tls_client_ca"] and not cert):
+        raise ConfigError(f"{where}: grpc.tls: cert and key go together (and clientCA needs "
+                          "them): set both, or neither for plain text")
+    listen = values["grpc_listen"]
+    if listen is not None and not cert and not converters.is_local(str(listen)):
+        raise ConfigError(f"{where}: grpc.listen {listen}: plain text is allowed only on "
+                          "loopback or a Unix socket; set grpc.tls.cert and grpc.tls.key")
+
+
 def load_config(path: str | os.PathLike[str] | None,
                 overrides: Mapping[str, object] | None = None,
                 *, flag_names: Mapping[str, str] | None = None) -> NodeConfig:
@@ -686,6 +736,9 @@ def load_config(path: str | os.PathLike[str] | None,
         else:
             top[attr] = value
     dns_config = dataclasses.replace(config.dns, **dns)
+    _check_grpc({**{k: getattr(config, k) for k in ("grpc_listen", "grpc_tls_cert",
+                                                      "grpc_tls_key", "grpc_tls_client_ca")},
+                 **top}, source)
     if dns_config.ttl_min > dns_config.ttl_max:
         raise ConfigError(f"{source or 'config'}: dns.ttl: min ({dns_config.ttl_min}) is above "
                           f"max ({dns_config.ttl_max})")

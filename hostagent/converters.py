@@ -188,3 +188,16 @@ def one_of(choices: Iterable[str]) -> Callable[[object], str]:
 def log_level(value: object) -> str:
     """One of debug, info, warning, error (the lower-case names of the logging levels)."""
     return one_of(LOG_LEVELS)(value)
+
+
+def is_local(listen: str) -> bool:
+    """A listen address only this host can reach: loopback, or a Unix socket (unix:...)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

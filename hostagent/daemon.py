@@ -9,6 +9,7 @@ pinned links and maps keep the node enforced until a new agent takes over or
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import socket
 import time
 from collections import deque
+from datetime import datetime, timezone
 
 import psutil
 
@@ -29,9 +31,12 @@ from hostagent.config import DefaultAction, NodeConfig
 from hostagent.enforcement import Enforcement
 from hostagent.dns import DnsCollector, Resolver, system_upstreams
 from hostagent.errors import ConfigError, HostAgentError, PolicyError
+from hostagent.events.aggregate import Aggregator
+from hostagent.events.bus import EventBus, SeqFile
 from hostagent.events.log import EventLog
+from hostagent.events.spool import Spool
 from hostagent.events.reader import DRAIN_INTERVAL, RingReader
-from hostagent.events.record import BootClock, to_dict
+from hostagent.events.encode import BootClock, ConnectionEncoder
 from hostagent.fqdn import Allowances, DnsGate
 from hostagent.identity.process import ProcessCache
 from hostagent.identity.resolver import IdentityResolver, Workload
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 POLICY_POLL_INTERVAL = 1.0   # seconds between policy directory checks (SIGHUP forces one now)
 STATUS_INTERVAL = 1.0        # seconds between status.json refreshes
 PATH_REWALK_MIN = 0.05       # seconds: at most one cgroup walk per burst of unknown ids
+STATE_LOCK_WAIT = 30.0       # seconds a new agent waits for the previous one to let go
 KUBE_SYNC_WAIT = 10.0        # seconds start waits for the first pod list before binding pods
 
 
@@ -53,6 +59,7 @@ KUBE_SYNC_WAIT = 10.0        # seconds start waits for the first pod list before
 _PENDING_MODES = {DefaultAction.ALLOW: abi.BindingMode.NONE,
                   DefaultAction.AUDIT: abi.BindingMode.AUDIT,
                   DefaultAction.DENY: abi.BindingMode.ENFORCE}
+_VERDICT_NAMES = {v: v.name.lower() for v in abi.Verdict}
 _IDENTITY_KEYS = tuple(k for k in Workload.event_keys() if k != "cgroup_id")
 
 
@@ -60,6 +67,10 @@ class Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def policy_dir_snapshot(path: str) -> tuple:
@@ -77,6 +88,17 @@ def policy_dir_snapshot(path: str) -> tuple:
                 continue
             out.append((e.name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
+
+
+def _read_files(paths) -> list[tuple[str, bytes]]:
+    out = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                out[path] = f.read()
+        except OSError:
+            continue   # gone since it was listed: the next reload sees that
+    return sorted(out.items())
 
 
 class Agent:
@@ -111,6 +133,15 @@ class Agent:
         self.allowances: Allowances | None = None
         self.dns_gate: DnsGate | None = None
         self.resolver: Resolver | None = None
+        self.bus: EventBus | None = None
+        self._api = None                        # ApiServer when grpc.listen is set
+        self._lost_seen: dict[str, int] = {}    # loss counters already reported, by source
+        self._policy_files: list[tuple[str, bytes]] = []   # of the generation in force
+        self._last_status: dict = {}
+        self._event_counters: dict = {}          # hostagent_events_total children, by verdict
+        self._encoder: ConnectionEncoder | None = None
+        self._aggregator = (Aggregator(cfg.aggregate_window) if cfg.aggregate_window > 0
+                            else None)
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -129,6 +160,7 @@ class Agent:
         log.info("hostagent %s: governing cgroups below %s", __version__, self.root.path)
 
         self._start_identity()
+        self._start_events()
         self._watch = CgroupWatcher(self.root)
         self._set_cgroups(self._watch.start())
 
@@ -152,13 +184,13 @@ class Agent:
             # A previous agent's policy is pinned and still enforced; keep it rather than
             # replace it with nothing. The error is reported and the next valid edit applies.
             self._report_reload_failure(error)
+        self._start_api()   # before attach: unreadable certificates fail the start first
         self._start_dns()
         for line in self.programs.attach(self.root):
             log.info("%s", line)
         for program in loader.PROGRAMS:
             self.metrics.attached.labels(program.name).set(1)
 
-        self._events = EventLog(cfg.event_log)
         self._reader = RingReader(self.programs, self._on_event)
         if cfg.metrics_listen is not None:
             host, port = cfg.metrics_listen
@@ -168,10 +200,117 @@ class Agent:
         self._ready = error is None or self.enforcement.adopted
         self.metrics.ready.set(1 if self._ready else 0)
         self.phase = Phase.RUNNING
+        self._publish({"kind": "agent", "time": _now(), "generation":
+                       self.enforcement.state.generation,
+                       "agent": {"phase": "started", "adopted": self.enforcement.adopted,
+                                 "pid": os.getpid()}})
         self._write_status()
+        if self._api is not None:
+            self._api.set_serving(self._ready)
         log.info("enforcing (generation %d) in %.2fs, %.2fs after the process started",
                  self.enforcement.state.generation, time.monotonic() - t0,
                  time.time() - psutil.Process().create_time())
+
+    def _start_events(self) -> None:
+        """The event stream every event goes through: numbered, kept for subscribers, spooled,
+        and written to the event log."""
+        cfg = self.cfg
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        self._lock_state_dir()
+        spool = seqfile = None
+        if cfg.event_spool_max_bytes:
+            spool = Spool(os.path.join(cfg.state_dir, "spool"), cfg.event_spool_max_bytes)
+        else:
+            seqfile = SeqFile(os.path.join(cfg.state_dir, "events.seq"))
+        # what a previous agent already reported of the pinned kernel loss counter
+        try:
+            with open(os.path.join(cfg.state_dir, "status.json"), encoding="utf-8") as f:
+                reported = json.load(f).get("events", {}).get("lost_reported", {})
+            self._lost_seen["kernel_ringbuf"] = int(reported.get("kernel_ringbuf", 0))
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.bus = EventBus(cfg.event_buffer, self.identity.node_name, __version__, spool,
+                            seqfile)
+        self._events = EventLog(cfg.event_log)
+        if cfg.event_log:
+            self.bus.listeners.append(self._events.write)
+        self._encoder = ConnectionEncoder(
+            self.identity.node_name, __version__, self._clock, self._policy_name,
+            self._rule_name, self._ticket, self._identity_of, self._process_of, self._name_of)
+        if seqfile is not None and seqfile.gap is not None:
+            first, last = seqfile.gap
+            self._publish({"kind": "lost", "time": _now(), "lost": {
+                "source": "agent_restart", "count": last - first + 1, "first_seq": first,
+                "last_seq": last}})
+
+    def _lock_state_dir(self) -> None:
+        """One agent per stateDir: two would number events twice over in one spool. A new agent
+        started while the old one is still stopping (a rolling update) waits for it."""
+        path = os.path.join(self.cfg.state_dir, "agent.lock")
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + STATE_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"stateDir {self.cfg.state_dir}: another agent holds "
+                                      f"{path} (still running?); not starting a second one")
+                time.sleep(0.1)
+
+    def _start_api(self) -> None:
+        cfg = self.cfg
+        if cfg.grpc_listen is None:
+            return
+        from hostagent.api.server import AgentApi, ApiServer
+
+        tls = ({"cert": cfg.grpc_tls_cert, "key": cfg.grpc_tls_key,
+                "clientCA": cfg.grpc_tls_client_ca} if cfg.grpc_tls_cert else None)
+        self._api = ApiServer(cfg.grpc_listen, AgentApi(self.bus, lambda: self._last_status,
+                                                        self._policy_set,
+                                                        cfg.grpc_max_subscribers), tls)
+        self._api.start()
+        log.info("gRPC event API on %s (%s)", self._api.address,
+                 "mutual TLS" if tls and tls["clientCA"] else "TLS" if tls else "plain text")
+
+    def _publish(self, event: dict) -> None:
+        self._event_counter(event.get("verdict") or "none").inc()
+        self.bus.publish(event)
+
+    def _event_counter(self, verdict: str):
+        counter = self._event_counters.get(verdict)
+        if counter is None:
+            counter = self._event_counters[verdict] = self.metrics.events.labels(verdict)
+        return counter
+
+    def _report_losses(self) -> None:
+        """A lost record for whatever was dropped before reaching the stream since last time."""
+        counts = {"dns_queue": self.dns_gate.events_dropped if self.dns_gate else 0}
+        if self.enforcement is not None:
+            counts["kernel_ringbuf"] = sum(
+                n for (err, _f, _l), n in self.enforcement.errors().items()
+                if err == abi.KernelError.RINGBUF_FULL)
+        for source, total in counts.items():
+            seen = self._lost_seen.setdefault(source, 0)
+            if total < seen:   # a counter that restarted (new resolver, unpinned map)
+                seen = self._lost_seen[source] = 0
+            if total > seen:
+                self._publish({"kind": "lost", "time": _now(), "lost": {
+                    "source": source, "count": total - seen, "first_seq": 0, "last_seq": 0}})
+                self._lost_seen[source] = total
+
+    def _policy_set(self):
+        from hostagent.v1 import agent_pb2 as api
+        import hashlib
+
+        return api.PolicySet(
+            generation=self.enforcement.state.generation if self.enforcement else 0,
+            policies=[p.name for p in self._policies],
+            files=[api.PolicyFile(path=path, sha256=hashlib.sha256(data).hexdigest(),
+                                  content=data.decode(errors="replace"))
+                   for path, data in self._policy_files],
+            default_action=self.cfg.default_action.name.lower())
 
     def _start_dns(self) -> None:
         """The node resolver, listening before the kernel is told to send DNS to it: a query
@@ -229,8 +368,7 @@ class Agent:
             cgid = workload.get("cgroup_id")
             if cgid is not None:
                 event["workload"] = {**self._identity_of(cgid), **workload}
-            self.metrics.events.labels(event.get("verdict") or "unknown").inc()
-            self._events.write(event)
+            self._publish(event)
 
     def _start_identity(self) -> None:
         """Pod metadata from the Kubernetes API when there is a cluster; cgroup-derived
@@ -270,7 +408,7 @@ class Agent:
             policies = load_policy_dir(self.cfg.policy_dir,
                                        fqdn_min_labels=self.cfg.dns.fqdn_pattern_min_labels)
             rulesets = compile_policies(policies, self._protected_networks())
-            return (policies, rulesets), None
+            return (policies, rulesets, _read_files(p.path for p in policies)), None
         except PolicyError as err:
             return None, err
 
@@ -302,11 +440,12 @@ class Agent:
                       namespace_labels=self._namespace_labels, pending_mode=pending)
 
     def _install(self, loaded, new_generation: bool) -> dict:
-        policies, rulesets = loaded
+        policies, rulesets, files = loaded
         binder = self._new_binder(policies)
         bindings = binder.bind(self._cgroups)
         result = self.enforcement.apply(rulesets, bindings, self.cfg.default_action,
                                         self.cfg.emit_allow_events, new_generation)
+        previous = self._policies
         self._binder, self._rulesets, self._policies = binder, rulesets, policies
         self.metrics.generation.set(result["generation"])
         if new_generation:
@@ -316,6 +455,8 @@ class Agent:
                                  "result": result}
             log.info("policy generation %d in force: %d policies, %s", result["generation"],
                      len(policies), result)
+            self._publish_policy_change(True, result["generation"], policies, files, previous)
+        self._policy_files = files
         return result
 
     def _report_reload_failure(self, err: HostAgentError) -> None:
@@ -325,6 +466,30 @@ class Agent:
                              if self.enforcement else 0}
         log.error("policy rejected, generation %s stays in force:\n%s",
                   self._last_reload["generation"], err)
+        self._publish_policy_change(False, self._last_reload["generation"], self._policies,
+                                    self._policy_files, self._policies, error=str(err))
+
+    def _publish_policy_change(self, ok: bool, generation: int, policies, files, previous,
+                               error: str | None = None) -> None:
+        """What changed, by policy name and by file (compared with the generation before)."""
+        before = {p.name: p for p in previous}
+        after = {p.name: p for p in policies}
+        old_files, new_files = dict(self._policy_files), dict(files)
+        changed_files = sorted(path for path in set(old_files) | set(new_files)
+                               if old_files.get(path) != new_files.get(path))
+        if not ok:   # the files on disk that differ from those in force
+            on_disk = dict(_read_files(os.path.join(self.cfg.policy_dir, entry[0])
+                                       for entry in policy_dir_snapshot(self.cfg.policy_dir)))
+            changed_files = sorted(path for path in set(old_files) | set(on_disk)
+                                   if old_files.get(path) != on_disk.get(path))
+        self._publish({"kind": "policy", "time": _now(), "generation": generation,
+                       "policy_change": {
+                           "ok": ok, "policies": sorted(after),
+                           "added": sorted(set(after) - set(before)),
+                           "removed": sorted(set(before) - set(after)),
+                           "changed": sorted(n for n in set(after) & set(before)
+                                             if after[n] != before[n]),
+                           "files": changed_files, "error": error}})
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -366,7 +531,10 @@ class Agent:
                 removed_paths.append(ev.path)
         created = [p for p in created if p in self._cgroups]
         self.metrics.cgroups.set(len(self._cgroups))
-        for path in removed_paths:
+        for path in created:
+            self._publish_workload("seen", path, self._cgroups[path])
+        for path, cgid in zip(removed_paths, removed_ids):
+            self._publish_workload("gone", path, cgid)
             self.identity.forget(path)
         if self._binder is None:
             return
@@ -378,6 +546,11 @@ class Agent:
             # new cgroups stay under their nearest bound ancestor in the kernel meanwhile
             log.error("binding %d new cgroups failed: %s", len(specs), err)
 
+    def _publish_workload(self, change: str, path: str, cgid: int) -> None:
+        fields = self.identity.identify(path, cgid).as_event()
+        self._publish({"kind": "workload", "time": _now(), "change": change,
+                       "workload": fields})
+
     def _on_pod_changes(self) -> None:
         """Rebind the cgroups of pods whose metadata changed (labels, new pods, deletions)."""
         uids: set[str] = set()
@@ -386,6 +559,7 @@ class Agent:
         if not uids or self._binder is None:
             return
         paths = self.identity.pods_changed(uids)
+        self._encoder.reset()   # events name the pods' new metadata from now on
         specs = self._binder.rebind(paths, self._cgroups)
         if specs:
             try:
@@ -409,6 +583,12 @@ class Agent:
             return f"egress[{rule}]"
         return info.rule_names[rule]
 
+    def _ticket(self, ruleset_id: int, rule: int) -> str | None:
+        info = self.enforcement.by_id.get(ruleset_id)
+        if info is None or rule >= len(info.rule_tickets):
+            return None
+        return info.rule_tickets[rule]
+
     def _identity_of(self, cgid: int) -> dict:
         path = self._cgroup_path(cgid)
         if path is None:   # removed before its event was read: every key, nothing guessed
@@ -426,13 +606,23 @@ class Agent:
             return {"exe": None, "ppid": None}
         return {"exe": info.exe, "ppid": info.ppid}
 
-    def _on_event(self, e: abi.Event) -> None:
-        event = to_dict(e, self._clock, self.enforcement.policy_name, self._rule_name,
-                        self._identity_of, self._process_of)
-        if event["destination"] is not None and self.allowances is not None:
-            event["destination"]["name"] = self.allowances.name_of(e.cgroup_id, bytes(e.daddr))
-        self.metrics.events.labels(event["verdict"]).inc()
-        self._events.write(event)
+    def _on_event(self, e: abi.Event, count: int = 0) -> None:
+        if (self._aggregator is not None and not count and e.verdict == abi.Verdict.ALLOW
+                and self._aggregator.absorb(e)):
+            return
+        seq = self.bus.next_seq()
+        self.bus.publish_encoded(seq, self._encoder.encode(e, seq, count))
+        self._event_counter(_VERDICT_NAMES.get(e.verdict, "none")).inc()
+
+    def _policy_name(self, policy_id: int) -> str:
+        return self.enforcement.policy_name(policy_id)
+
+    def _name_of(self, cgid: int, daddr: bytes) -> str | None:
+        return self.allowances.name_of(cgid, daddr) if self.allowances is not None else None
+
+    def _flush_aggregates(self) -> None:
+        for count, last in self._aggregator.close_window():
+            self._on_event(last, count)
 
     def _identity_status(self) -> dict:
         out = {"kubernetes": self.identity.kubernetes_state if self.identity else "disabled",
@@ -455,6 +645,17 @@ class Agent:
                                "expired": a.expired, "refused_full": a.failures},
                 "events_dropped": self.dns_gate.events_dropped}
 
+    def _events_status(self) -> dict:
+        bus = self.bus
+        if bus is None:
+            return {}
+        return {"last_seq": bus.last_seq, "oldest_seq": bus.oldest_seq,
+                "subscribers": bus.subscribers, "lost_by_subscribers": bus.lost_by_subscribers,
+                "lost_reported": dict(self._lost_seen),
+                "lost": sum(self._lost_seen.values()),
+                "grpc": ({"listen": self._api.address, "tls": self._api.tls}
+                         if self._api is not None else None)}
+
     def _write_status(self) -> None:
         status = {
             "pid": os.getpid(), "version": __version__, "time": time.time(),
@@ -468,7 +669,9 @@ class Agent:
             "events_received": self._reader.received if self._reader else 0,
             "identity": self._identity_status(),
             "dns": self._dns_status(),
+            "events": self._events_status(),
         }
+        self._last_status = status   # what GetStatus answers: built here, on the main thread
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         path = os.path.join(self.cfg.state_dir, "status.json")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -502,6 +705,9 @@ class Agent:
                     break
                 self._reader.drain()
                 self._drain_dns_events()
+                if self._aggregator is not None and self._aggregator.due():
+                    self._flush_aggregates()
+                self.bus.wake()
                 now = time.monotonic()
                 if now >= next_poll:
                     next_poll = now + POLICY_POLL_INTERVAL
@@ -515,7 +721,9 @@ class Agent:
                         self.allowances.sweep()
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
+                    self._report_losses()
                     self._clock.resync()
+                    self._encoder.reset()   # identity and process details at most 1 s stale
                     self._write_status()
                 if self._pod_changes:
                     self._on_pod_changes()
@@ -534,11 +742,23 @@ class Agent:
         if self._reader is not None:
             try:
                 self._reader.drain()  # what is already queued still reaches the log
+                if self._aggregator is not None:
+                    self._flush_aggregates()
             except Exception:  # noqa: BLE001 - teardown goes on whatever the ring says
                 log.exception("final ring buffer drain failed")
         if self.resolver is not None:
             self.resolver.stop()
             self._drain_dns_events()
+        if self.bus is not None:
+            try:
+                self._report_losses()
+                self._publish({"kind": "agent", "time": _now(), "generation":
+                               self.enforcement.state.generation if self.enforcement else 0,
+                               "agent": {"phase": "stopping", "pid": os.getpid()}})
+            finally:
+                if self._api is not None:
+                    self._api.stop()
+                self.bus.close()
         if self._server is not None:
             self._server.stop()
         if self._pods is not None:

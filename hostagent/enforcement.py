@@ -49,6 +49,7 @@ class RulesetInfo:
     policy: str
     rule_names: tuple[str, ...]
     generation: int
+    rule_tickets: tuple[str | None, ...] = ()
 
 
 @dataclass
@@ -324,7 +325,7 @@ class Enforcement:
             inst = self._install(r, generation)
             self.installed[r.digest] = inst
             self.rule_entries += len(r)
-            self.by_id[inst.id] = RulesetInfo(r.policy, r.rule_names, generation)
+            self.by_id[inst.id] = RulesetInfo(r.policy, r.rule_names, generation, r.rule_tickets)
         by_policy = {name: self.installed[r.digest] for name, r in rulesets.items()}
         changed = self._write_bindings(by_policy, bindings, generation)
 

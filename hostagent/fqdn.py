@@ -297,7 +297,8 @@ class DnsGate:
         first = min(rules)
         return NameVerdict("allow", "policy_rule", ruleset.policy, ruleset.rule_names[first],
                            grant=Grant(ruleset_id, rules, fq.portentries(rules), named),
-                           private_ok=private_ok)
+                           private_ok=private_ok, ticket=ruleset.rule_tickets[first]
+                           if first < len(ruleset.rule_tickets) else None)
 
     def recheck(self, cgid: int, qname: str) -> Grant | None:
         v = self._check(cgid, qname)

@@ -72,3 +72,16 @@ fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 [ -e "$site/bcc" ] || ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 .venv/bin/python -c 'import bcc' || { say "bcc does not import in .venv"; exit 1; }
+
+# Python code generated from proto/ (the event API), into the package as hostagent/v1/ (the
+# proto package's own path). Not committed: regenerated whenever a .proto file changes, and
+# tests/test_api_proto.py fails if what is installed differs from what protoc makes now.
+proto_sum=$(cat proto/hostagent/v1/*.proto pyproject.toml | sha256sum | cut -d' ' -f1)
+proto_stamp=hostagent/v1/.generated-from
+if [ ! -f "$proto_stamp" ] || [ "$(cat "$proto_stamp")" != "$proto_sum" ]; then
+  say "generating hostagent/v1 from proto/"
+  rm -rf hostagent/v1 && mkdir -p hostagent/v1
+  .venv/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+    proto/hostagent/v1/*.proto
+  echo "$proto_sum" > "$proto_stamp"
+fi

@@ -156,6 +156,7 @@ class TestNode:
         cfg = {"cgroupRoot": str(self.cgroot), "bpffsDir": self.bpffs,
                "stateDir": str(self.tmp / "state"), "policyDir": str(self.policy_dir),
                "metrics": {"listen": "127.0.0.1:0"}, "eventLog": str(self.event_log),
+               "grpc": {"listen": "127.0.0.1:0"},
                "resyncInterval": 0.5, "metadata": {"exempt": []},
                # a resolver of its own per test; nothing upstream unless a test starts a zone
                "dns": {"listen": "127.0.0.1:0", "upstreams": ["127.0.0.1:9"],
@@ -212,6 +213,11 @@ class TestNode:
             return json.loads((self.tmp / "state" / "status.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    def grpc_address(self, timeout: float = 15) -> str:
+        """Where the running agent's gRPC API listens (grpc.listen port 0 picks one)."""
+        return wait_for(lambda: ((self.status().get("events") or {}).get("grpc") or {})
+                        .get("listen"), timeout, "the agent's gRPC address in status.json")
 
     def events(self) -> list[dict]:
         if not self.event_log.exists():

@@ -182,8 +182,8 @@ REJECT = [
     ("kind: EgressPolicy", "kind: [EgressPolicy]", 2, "kind: expected a string, got a list"),
     ("kind: EgressPolicy\n", "kind: EgressPolicy\nstatus: {}\n", 3, "unknown key 'status' (allowed keys: apiVersion, kind, metadata, spec)"),
     ("kind: EgressPolicy\n", "", 1, "missing required key 'kind'"),
-    ("  name: agent-a\n", "  name: agent-a\n  labels: {}\n", 5, "metadata: unknown key 'labels' (allowed keys: name)"),
-    ("  name: agent-a\n", "  nme: agent-a\n", 4, "metadata: unknown key 'nme' (allowed keys: name); did you mean 'name'?"),
+    ("  name: agent-a\n", "  name: agent-a\n  labels: {}\n", 5, "metadata: unknown key 'labels' (allowed keys: name, ticket)"),
+    ("  name: agent-a\n", "  nme: agent-a\n", 4, "metadata: unknown key 'nme' (allowed keys: name, ticket); did you mean 'name'?"),
     ("name: agent-a", "name: Agent-A", 4, "metadata.name: 'Agent-A' is not a valid policy name"),
     ("name: agent-a", "name: agent-", 4, "metadata.name: 'agent-' is not a valid policy name"),
     ("name: agent-a", "name: -agent", 4, "metadata.name: '-agent' is not a valid policy name"),
@@ -192,7 +192,7 @@ REJECT = [
     ("  name: agent-a\n", "  name: " + "a" * 254 + "\n", 4, "is not a valid policy name (expected at most 253"),
     ("name: agent-a", "name: 123", 4, "metadata.name: expected a string, got the integer 123; quote it to make it a string"),
     ("name: agent-a", "name: no", 4, "metadata.name: expected a string, got the boolean no"),
-    ("metadata:\n  name: agent-a\n", "metadata: agent-a\n", 3, "metadata: expected a mapping with keys name, got the string 'agent-a'"),
+    ("metadata:\n  name: agent-a\n", "metadata: agent-a\n", 3, "metadata: expected a mapping with keys name, ticket, got the string 'agent-a'"),
     ("  selector:\n    cgroupPath: /workloads/agent-a\n", "  selector: {}\n", 6, "spec.selector: expected exactly one of: cgroupPath"),
     ("  mode: enforce\n", "  mode2: enforce\n", 8, "spec: unknown key 'mode2' (allowed keys: selector, mode, allowRawSockets, egress); did you mean 'mode'?"),
     ("  selector:\n    cgroupPath: /workloads/agent-a\n", "", 6, "spec: missing required key 'selector'"),
@@ -210,7 +210,7 @@ REJECT = [
     ("allowRawSockets: false", "allowRawSockets: False", 9, "spec.allowRawSockets: expected true or false"),
     ("allowRawSockets: false", "allowRawSockets:", 9, "spec.allowRawSockets: expected true or false, got an empty value (null)"),
     (EGRESS, "  egress: allow-all\n", 10, "spec.egress: expected a list of rules, got the string 'allow-all'"),
-    ("    - name: api\n", "    - name: api\n      from: []\n", 12, "spec.egress[0]: unknown key 'from' (allowed keys: name, to, ports)"),
+    ("    - name: api\n", "    - name: api\n      from: []\n", 12, "spec.egress[0]: unknown key 'from' (allowed keys: name, to, ports, ticket)"),
     ("name: api", "name: ''", 11, "spec.egress[0].name: expected 1-253 printable characters"),
     ("name: api", "name: [api]", 11, "spec.egress[0].name: expected a string, got a list"),
     ("      to:\n        - cidr: 10.20.0.0/16\n        - cidr: 2001:db8::/32\n", "      to: []\n", 12, "spec.egress[0].to: an empty list would allow nothing; omit 'to' to allow any destination"),
@@ -254,7 +254,7 @@ REJECT = [
     ("mode: enforce", "mode: !!python/object:os.system enforce", 8, "spec.mode: expected a string, got a value tagged tag:yaml.org,2002:python/object:os.system"),
     ("mode: enforce", "mode: 2024-01-01", 8, "spec.mode: expected a string, got '2024-01-01' (a YAML timestamp); quote it to make it a string"),
     ("  name: agent-a\n", "  name: agent-a\n  ? [a]\n  : b\n", 5, "metadata: keys must be plain strings, got a list"),
-    ("  name: agent-a\n", "  name: agent-a\n  1: b\n", 5, "metadata: unknown key '1' (allowed keys: name)"),
+    ("  name: agent-a\n", "  name: agent-a\n  1: b\n", 5, "metadata: unknown key '1' (allowed keys: name, ticket)"),
 ]
 
 
@@ -644,3 +644,23 @@ def test_libyaml_fast_path_agrees_with_the_python_composer():
     assert _compose_libyaml("a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 40)) + "  " * 40 + "v\n") is None
     assert _compose_libyaml("[" * 40 + "]" * 40) is None
     assert _compose_libyaml("a: [\n") is None
+
+
+def test_tickets_on_rules_and_policies(tmp_path):
+    """metadata.ticket is the default of every rule's ticket; a rule's own ticket wins."""
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: hostagent.io/v1\nkind: EgressPolicy\n"
+        "metadata: {name: a, ticket: CHG-1}\n"
+        "spec:\n  selector: {cgroupPath: /a}\n  egress:\n"
+        "    - {to: [{cidr: 10.0.0.0/8}], ticket: 'https://jira.example/CHG-2'}\n"
+        "    - {to: [{cidr: 10.1.0.0/16}]}\n")
+    (p,) = load_policy_dir(str(tmp_path))
+    assert p.ticket == "CHG-1"
+    assert [r.ticket for r in p.egress] == ["https://jira.example/CHG-2", None]
+    from hostagent.policy.compile import compile_policies
+    assert compile_policies([p], ())["a"].rule_tickets == ("https://jira.example/CHG-2", "CHG-1")
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: hostagent.io/v1\nkind: EgressPolicy\nmetadata: {name: a, ticket: ''}\n"
+        "spec:\n  selector: {cgroupPath: /a}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:3: metadata.ticket: expected 1-256"):
+        load_policy_dir(str(tmp_path))

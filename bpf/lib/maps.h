@@ -59,7 +59,23 @@ BPF_TABLE_PINNED("percpu_hash", struct decision_key, __u64, decisions, 16384,
 BPF_TABLE_PINNED("percpu_hash", struct error_key, __u64, errors, 1024,
 		 PIN("hostagent_errors_v1"));
 
-/* Not pinned: each agent drains its own ring; see docs/architecture.md on takeover. */
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/*
+ * Pinned like the maps, so that events the programs emit while no agent runs (a restart, a
+ * rolling update) wait in the ring for the next agent instead of vanishing with an unpinned
+ * ring nobody reads; what does not fit is counted (ERROR_RINGBUF_FULL). bcc has no pinned
+ * variant of BPF_RINGBUF_OUTPUT: this is its definition with the pin in the section name, which
+ * bcc reads as for BPF_TABLE_PINNED.
+ */
+struct events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN("hostagent_events_v1"))))
+struct events_table_t events = { .max_entries = RINGBUF_PAGES * PAGE_SIZE };
 
 #endif /* HOSTAGENT_MAPS_H */

@@ -47,6 +47,7 @@ class NameVerdict:
     # Which rebind-protected addresses (DnsConfig.rebind_protect) the workload's policy allows
     # explicitly; None: none of them.
     private_ok: Callable[[IPAddress], bool] | None = None
+    ticket: str | None = None  # the allowing rule's change ticket, for events
 
 
 class ResolverHooks(Protocol):

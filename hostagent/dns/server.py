@@ -488,6 +488,7 @@ class Resolver:
             self._emit({
                 "kind": "dns", "time": self._iso_now(), "verdict": decision.verdict,
                 "reason": decision.reason, "policy": verdict.policy, "rule": verdict.rule,
+                "ticket": verdict.ticket,
                 "query": {"name": qname, "type": self._type_text(q.qtype)},
                 "rcode": decision.rcode_name,
                 "answers": [{"ip": ip, "ttl": ttl - age} for ip, ttl in decision.answers],
@@ -695,6 +696,7 @@ class Resolver:
             "kind": "dns", "time": self._iso_now(), "verdict": verdict_name, "reason": reason,
             "policy": verdict.policy if verdict is not None else None,
             "rule": verdict.rule if verdict is not None else None,
+            "ticket": verdict.ticket if verdict is not None else None,
             "query": {"name": qname, "type": self._type_text(q.qtype) if q is not None else ""},
             "rcode": rcode_name, "answers": [], "cnames": list(cnames), "dropped": [],
             "workload": {"cgroup_id": client.cgroup_id if client is not None else None},

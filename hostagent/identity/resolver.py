@@ -166,6 +166,10 @@ class IdentityResolver:
         self._stats = {"hits": 0, "misses": 0, "evictions": 0}
 
     @property
+    def node_name(self) -> str:
+        return self._node
+
+    @property
     def kubernetes_state(self) -> str:
         """"disabled" without a watcher, else the watcher's state (connecting/synced/error)."""
         return KUBERNETES_DISABLED if self._pods is None else self._pods.state

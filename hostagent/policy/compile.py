@@ -81,6 +81,7 @@ class Ruleset:
     entries: Mapping[Prefix, tuple[tuple[PortEntry, ...], bool]]   # -> (ports, RULE_NAMED)
     digest: str
     fqdn: FqdnRules | None = None
+    rule_tickets: tuple[str | None, ...] = ()   # per rule: its ticket, else the policy's
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -184,12 +185,15 @@ def compile_ruleset(policy: Policy, metadata: Iterable) -> Ruleset:
         entries[prefix] = (tuple(sorted(ranges, key=_port_order)), grant)
 
     names = tuple(rule.name for rule in policy.egress)
+    tickets = tuple(rule.ticket or policy.ticket for rule in policy.egress)
     content: tuple = (names, sorted(entries.items()))
+    # Each only when present, so that a policy without them keeps the digest it always had.
     if fqdn is not None:
-        # Only when present, so that a policy without names keeps the digest it always had.
         content += (fqdn.matcher.digest(), sorted(fqdn.ports.items()))
+    if any(tickets):
+        content += (tickets,)
     h = hashlib.sha256(repr(content).encode())
-    return Ruleset(policy.name, names, entries, h.hexdigest(), fqdn)
+    return Ruleset(policy.name, names, entries, h.hexdigest(), fqdn, tickets)
 
 
 def _show(prefix: Prefix) -> str:

@@ -91,6 +91,7 @@ DEFAULT_FQDN_MIN_LABELS = 2
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _NAME_MAX = 253
+_TICKET_MAX = 256
 _DECIMAL_RE = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 
 # Kubernetes object names (apimachinery IsDNS1123Label / IsDNS1123Subdomain): namespaces and
@@ -848,7 +849,7 @@ def _port_range(r: _Reader, node: Node, where: str) -> PortRange | None:
 
 def _rule(r: _Reader, node: Node, where: str, index: int) -> tuple[EgressRule | None, str | None]:
     """One egress rule (None if invalid), and its name if that is valid (for duplicate checks)."""
-    fields = r.mapping(node, where, ("name", "to", "ports"))
+    fields = r.mapping(node, where, ("name", "to", "ports", "ticket"))
     if fields is None:
         return None, None
     before = len(r.errors)
@@ -858,6 +859,7 @@ def _rule(r: _Reader, node: Node, where: str, index: int) -> tuple[EgressRule | 
         if name is not None and not (0 < len(name) <= _NAME_MAX and name.isprintable()):
             r.error(fields["name"], _at(where, "name"), f"expected 1-{_NAME_MAX} printable characters")
             name = None
+    ticket = _ticket(r, fields, where)
     peers: list[Peer | None] = []
     if "to" in fields:
         where_to = _at(where, "to")
@@ -883,9 +885,22 @@ def _rule(r: _Reader, node: Node, where: str, index: int) -> tuple[EgressRule | 
     if len(r.errors) > before or name is None:
         return None, name
     rule = EgressRule(
-        index=index, name=name, to=tuple(peers), ports=tuple(ports), line=_line(node)  # type: ignore[arg-type]
+        index=index, name=name, to=tuple(peers), ports=tuple(ports), line=_line(node),  # type: ignore[arg-type]
+        ticket=ticket,
     )
     return rule, name
+
+
+def _ticket(r: _Reader, fields: dict, where: str) -> str | None:
+    """A change ticket reference (CHG-1234, a URL): free text, printable, one line."""
+    if "ticket" not in fields:
+        return None
+    ticket = r.string(fields["ticket"], _at(where, "ticket"))
+    if ticket is not None and not (0 < len(ticket) <= _TICKET_MAX and ticket.isprintable()):
+        r.error(fields["ticket"], _at(where, "ticket"),
+                f"expected 1-{_TICKET_MAX} printable characters on one line")
+        return None
+    return ticket
 
 
 def _egress(r: _Reader, node: Node, where: str) -> tuple[EgressRule, ...] | None:
@@ -940,11 +955,13 @@ def _spec(r: _Reader, node: Node) -> dict[str, object]:
     return out
 
 
-def _metadata(r: _Reader, node: Node) -> tuple[str | None, Node]:
-    """The policy name if valid, and the node errors about the name should point at."""
-    meta = r.mapping(node, "metadata", ("name",), required=("name",))
+def _metadata(r: _Reader, node: Node) -> tuple[str | None, Node, str | None]:
+    """The policy name if valid, the node errors about the name should point at, and the
+    policy's change ticket."""
+    meta = r.mapping(node, "metadata", ("name", "ticket"), required=("name",))
     if not meta or "name" not in meta:
-        return None, node
+        return None, node, None
+    ticket = _ticket(r, meta, "metadata")
     name = r.string(meta["name"], "metadata.name")
     if name is not None and not (len(name) <= _NAME_MAX and _NAME_RE.fullmatch(name)):
         r.error(
@@ -954,7 +971,7 @@ def _metadata(r: _Reader, node: Node) -> tuple[str | None, Node]:
             "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)",
         )
         name = None
-    return name, meta["name"]
+    return name, meta["name"], ticket
 
 
 def _policy(r: _Reader, root: Node) -> _Parsed | None:
@@ -971,7 +988,8 @@ def _policy(r: _Reader, root: Node) -> _Parsed | None:
                 r.error(fields[key], key, f"{_short(value)!r} is not supported (expected {expected})")
     if len(r.errors) > before:
         return None  # another version or kind: its schema may differ, so stop here
-    name, name_node = _metadata(r, fields["metadata"]) if "metadata" in fields else (None, root)
+    name, name_node, ticket = (_metadata(r, fields["metadata"]) if "metadata" in fields
+                               else (None, root, None))
     spec = _spec(r, fields["spec"]) if "spec" in fields else {"selector": None}
     policy = None
     if len(r.errors) == before and name is not None and None not in spec.values():
@@ -983,6 +1001,7 @@ def _policy(r: _Reader, root: Node) -> _Parsed | None:
             egress=spec["egress"],  # type: ignore[arg-type]
             path=r.path,
             line=_line(root),
+            ticket=ticket,
         )
     return _Parsed(
         path=r.path,

@@ -90,6 +90,7 @@ class EgressRule:
     to: tuple[Peer, ...]
     ports: tuple[PortRange, ...]
     line: int
+    ticket: str | None = None   # the change ticket that approved this rule (events carry it)
 
     @property
     def any_destination(self) -> bool:
@@ -195,3 +196,4 @@ class Policy:
     egress: tuple[EgressRule, ...]
     path: str
     line: int
+    ticket: str | None = None   # metadata.ticket: the rules' ticket where they name none
