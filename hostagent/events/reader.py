@@ -31,7 +31,9 @@ class RingReader:
             if size < ct.sizeof(abi.Event):
                 self.malformed += 1
             else:
-                event = abi.Event.from_buffer_copy(ct.string_at(data, ct.sizeof(abi.Event)))
+                # a view of the ring, not a copy: valid until the callback returns, which is
+                # as long as a handler may keep it (it copies what it keeps)
+                event = abi.Event.from_address(data)
                 self.received += 1
                 self._handle(event)
             self._budget -= 1
