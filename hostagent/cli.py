@@ -132,7 +132,10 @@ def cmd_uninstall(args) -> int:
     from hostagent.bpf import loader
 
     cfg = _config(args)
+    from hostagent.dns.interface import remove_listen_address
+
     done = loader.uninstall(cfg.bpffs_dir)
+    done += remove_listen_address(cfg.dns.listen[0], cfg.dns.interface)
     for line in done:
         print(line)
     print(f"{cfg.bpffs_dir}: nothing of hostagent is attached or pinned")

@@ -164,6 +164,7 @@ class DnsConfig:
     max_allowances: int = 65536  # kernel map: (workload, address) pairs opened by answers
     socket_mark: int = 0x48410053  # SO_MARK of the resolver's upstream sockets; never redirected
     upstream_timeout: float = 2.0
+    interface: str | None = "hostagent0"  # made (dummy) for a dns.listen address no link has
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,16 @@ def _dns_listen(value: object) -> tuple[str, int]:
     return host, port
 
 
+def _interface_name(value: object) -> str | None:
+    """A network interface name (at most 15 bytes, no '/', ':' or white space); null: none."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", value):
+        raise ValueError(f"{value!r}: expected an interface name of 1-15 letters, digits, "
+                         "'_', '.' or '-'")
+    return value
+
+
 def _upstream(value: object) -> tuple[str, int]:
     """"10.0.0.2", "10.0.0.2:53", "[fd00::2]:53": an address; the port defaults to 53."""
     if isinstance(value, str):
@@ -452,6 +463,7 @@ _ATTRS: Mapping[str, str] = types.MappingProxyType({
     "dns.maxAllowances": "dns.max_allowances",
     "dns.socketMark": "dns.socket_mark",
     "dns.upstreamTimeout": "dns.upstream_timeout",
+    "dns.interface": "dns.interface",
 })
 
 
@@ -513,6 +525,7 @@ def _schema() -> _Section:
             "maxAllowances": _bounded_int(16, 2**24),
             "socketMark": _bounded_int(1, 2**32 - 1),
             "upstreamTimeout": _bounded_float(0.05, 30.0),
+            "interface": _interface_name,
         }),
     })
 

@@ -327,6 +327,9 @@ class Agent:
                                 self.cfg.default_action, self._binding_of)
         self.enforcement.on_rebind = self._on_rebind
         upstreams = cfg.upstreams or system_upstreams()
+        from hostagent.dns.interface import ensure_listen_address
+
+        ensure_listen_address(cfg.listen[0], cfg.interface)
         self.resolver = Resolver(cfg, self.dns_gate, upstreams=upstreams)
         self.resolver.start()
         self._dns_listen = "%s:%d" % self.resolver.address

@@ -86,13 +86,17 @@ class Netns:
 
 
 class AgentProcess:
-    def __init__(self, node: "TestNode", extra_args: list[str]) -> None:
+    def __init__(self, node: "TestNode", extra_args: list[str], netns: "Netns | None" = None
+                 ) -> None:
         self.node = node
         self.log_path = node.tmp / f"agent-{next(_seq)}.log"
         self._log = open(self.log_path, "w")
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding cgroupfs and bpffs
+        prefix = (["nsenter", f"--net=/run/netns/{netns.name}"] if netns is not None else [])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hostagent", "run", "--config", str(node.config_path),
-             *extra_args], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+            [*prefix, sys.executable, "-m", "hostagent", "run", "--config",
+             str(node.config_path), *extra_args], cwd=REPO, stdout=self._log,
+            stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -160,7 +164,7 @@ class TestNode:
                "resyncInterval": 0.5, "metadata": {"exempt": []},
                # a resolver of its own per test; nothing upstream unless a test starts a zone
                "dns": {"listen": "127.0.0.1:0", "upstreams": ["127.0.0.1:9"],
-                       "upstreamTimeout": 0.5}}
+                       "upstreamTimeout": 0.5, "interface": None}}
         for key, value in extra.items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
                 cfg[key] = {**cfg[key], **value}
@@ -182,8 +186,11 @@ class TestNode:
 
     # -- processes --------------------------------------------------------------------------------
 
-    def start_agent(self, *extra_args: str, wait: bool = True) -> AgentProcess:
-        agent = AgentProcess(self, list(extra_args))
+    def start_agent(self, *extra_args: str, wait: bool = True, netns: Netns | None = None
+                    ) -> AgentProcess:
+        """The agent, in the test's network namespace `netns` if given (its cgroup programs
+        still govern the test's cgroups, whatever namespace their processes are in)."""
+        agent = AgentProcess(self, list(extra_args), netns)
         self.agents.append(agent)
         if wait:
             agent.wait_log("enforcing (generation")

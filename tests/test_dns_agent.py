@@ -9,6 +9,8 @@ if anything reaches it: an answer that arrives anyway came through the redirect.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 
 import dns.message
@@ -17,7 +19,7 @@ import dns.rcode
 import pytest
 
 from tests.dnszone import DnsZone
-from tests.harness import wait_for
+from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -425,3 +427,42 @@ def test_audit_mode_answers_and_reports_names_it_would_refuse(node, zone):
     assert query(w, "api.test")["ips"] == ["127.0.0.10"]
     e = node.wait_event(kind="dns", query__name="api.test")
     assert e["verdict"] == "audit" and e["reason"] == "policy_default"
+
+
+def test_pods_in_their_own_netns_reach_a_link_local_resolver(node):
+    """A Kubernetes-shaped node: the agent in the node's namespace listens on 169.254.20.10
+    (a dummy interface it creates), a pod's namespace routes to the node over a veth, and the
+    pod's queries to any nameserver are redirected there and answered by policy."""
+    host, pod = node.namespace([]), node.namespace([])
+    subprocess.run(["ip", "-n", host.name, "link", "add", "hv0", "type", "veth", "peer", "name",
+                    "pv0", "netns", pod.name], check=True)
+    for ns, dev, addr in ((host, "hv0", "10.199.0.1/30"), (pod, "pv0", "10.199.0.2/30")):
+        subprocess.run(["ip", "-n", ns.name, "addr", "add", addr, "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns.name, "link", "set", dev, "up"], check=True)
+    subprocess.run(["ip", "-n", pod.name, "route", "add", "default", "via", "10.199.0.1"],
+                   check=True)
+    node.write_policy("p", fqdn_policy("pod", "/pod", "        - fqdn: allowed.example", 443))
+    # lo: this kernel has no dummy interfaces (a node with them gets dns.interface's dummy)
+    node.write_config(dns={"listen": "169.254.20.10:53", "upstreams": ["127.0.0.1:9"],
+                           "upstreamTimeout": 0.3, "interface": "lo"})
+    w = node.workload("pod", pod)
+    node.start_agent(netns=host)
+    def shown():
+        return subprocess.run(["ip", "-n", host.name, "-o", "addr", "show", "dev", "lo"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "169.254.20.10/32" in shown()
+    # the pod asks a nameserver of its own; the kernel sends it to the node's resolver
+    assert query(w, "blocked.example", server="192.0.2.53")["rcode"] == "REFUSED"
+    e = node.wait_event(kind="dns", query__name="blocked.example")
+    assert e["verdict"] == "deny" and e["workload"]["cgroup_path"] == "/pod"
+    assert e["client"]["ip"] == "10.199.0.2"
+    # an allowed name reaches the (unreachable) upstream: SERVFAIL, never an open fallback
+    assert query(w, "allowed.example", server="192.0.2.53")["rcode"] == "SERVFAIL"
+    # uninstall removes the address the agent added
+    node.agents[-1].stop()
+    out = subprocess.run(["nsenter", f"--net=/run/netns/{host.name}", sys.executable, "-m",
+                          "hostagent",
+                          "uninstall", "--config", str(node.config_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert "removed 169.254.20.10 from lo" in out.stdout, out.stderr
+    assert "169.254.20.10" not in shown() and "127.0.0.1/8" in shown()
