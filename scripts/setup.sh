@@ -20,7 +20,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 arch=$(dpkg --print-architecture)
-want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv)
+# curl and systemd (systemd-analyze): the packaging tests run the docs' probe and verify the unit
+want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv curl systemd)
 kver=$(uname -r)
 have_headers() {
   local m="/lib/modules/$kver"

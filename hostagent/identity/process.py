@@ -234,7 +234,7 @@ class ProcessCache:
             with proc.oneshot():
                 ppid = proc.ppid()
                 started = proc.create_time()
-                exe = _readable(proc.exe) or None
+                exe = _exe(pid)
                 cmdline = truncate_cmdline(_readable(proc.cmdline) or ())
         except psutil.NoSuchProcess:  # ZombieProcess included: its exe and cmdline are gone
             return None
@@ -300,6 +300,16 @@ def _parse_stat(data: bytes) -> _Stat | None:
         return None
     comm = data[open_paren + 1:close_paren].decode("utf-8", "replace")
     return _Stat(start_ticks=start, comm=comm, state=fields[0].decode("ascii", "replace"))
+
+
+def _exe(pid: int) -> str | None:
+    """The exe link itself, or None where it cannot be read. Not psutil's exe(), which guesses
+    from the command line when the link is denied (an agent without CAP_SYS_PTRACE): that
+    would put the workload's own argv[0], which it chooses, into the evidence."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe") or None
+    except OSError:   # denied, a kernel thread, or gone (the stat re-read catches that)
+        return None
 
 
 def _readable(read: Callable[[], object]) -> object:
