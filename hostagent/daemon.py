@@ -17,6 +17,7 @@ import select
 import signal
 import socket
 import time
+import collections
 from collections import deque
 from datetime import datetime, timezone
 
@@ -139,6 +140,7 @@ class Agent:
         self._policy_files: list[tuple[str, bytes]] = []   # of the generation in force
         self._last_status: dict = {}
         self._event_counters: dict = {}          # hostagent_events_total children, by verdict
+        self._kernel_counts: dict[int, int] = collections.defaultdict(int)
         self._encoder: ConnectionEncoder | None = None
         self._aggregator = (Aggregator(cfg.aggregate_window) if cfg.aggregate_window > 0
                             else None)
@@ -330,8 +332,9 @@ class Agent:
         from hostagent.dns.interface import ensure_listen_address
 
         ensure_listen_address(cfg.listen[0], cfg.interface)
-        self.resolver = Resolver(cfg, self.dns_gate, upstreams=upstreams)
-        self.resolver.start()
+        resolver = Resolver(cfg, self.dns_gate, upstreams=upstreams)
+        resolver.start()
+        self.resolver = resolver   # only once it runs: status and teardown rely on it
         self._dns_listen = "%s:%d" % self.resolver.address
         self.metrics.registry.register(
             DnsCollector(self.resolver, on_error=self.metrics.collector_errors.inc))
@@ -615,7 +618,13 @@ class Agent:
             return
         seq = self.bus.next_seq()
         self.bus.publish_encoded(seq, self._encoder.encode(e, seq, count))
-        self._event_counter(_VERDICT_NAMES.get(e.verdict, "none")).inc()
+        self._kernel_counts[e.verdict] += 1   # into the metric once per drain
+
+    def _count_kernel_events(self) -> None:
+        for verdict, n in self._kernel_counts.items():
+            if n:
+                self._event_counter(_VERDICT_NAMES.get(verdict, "none")).inc(n)
+                self._kernel_counts[verdict] = 0
 
     def _policy_name(self, policy_id: int) -> str:
         return self.enforcement.policy_name(policy_id)
@@ -706,7 +715,8 @@ class Agent:
                         self.phase = Phase.STOPPING
                 if self.phase is not Phase.RUNNING:
                     break
-                self._reader.drain()
+                more = self._reader.drain()
+                self._count_kernel_events()
                 self._drain_dns_events()
                 if self._aggregator is not None and self._aggregator.due():
                     self._flush_aggregates()
@@ -732,7 +742,8 @@ class Agent:
                     self._on_pod_changes()
                 # wake for a new cgroup at once: it is bound before its first connect can
                 # matter; otherwise this is the ring buffer's drain tick
-                ready, _, _ = select.select([self._watch.fileno()], [], [], DRAIN_INTERVAL)
+                ready, _, _ = select.select([self._watch.fileno()], [], [],
+                                            0 if more else DRAIN_INTERVAL)
                 if ready:
                     self._on_cgroup_events(self._watch.read())
             return 0
@@ -744,7 +755,9 @@ class Agent:
         self.phase = Phase.STOPPING
         if self._reader is not None:
             try:
-                self._reader.drain()  # what is already queued still reaches the log
+                while self._reader.drain():   # what is already queued still reaches the log
+                    pass
+                self._count_kernel_events()
                 if self._aggregator is not None:
                     self._flush_aggregates()
             except Exception:  # noqa: BLE001 - teardown goes on whatever the ring says

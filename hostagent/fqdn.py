@@ -169,6 +169,8 @@ class Allowances:
 
     def name_of(self, cgid: int, addr: bytes) -> str | None:
         """The name a workload resolved an address from, for its connection events."""
+        if not self._recent:   # no lock for the common case: nothing resolved recently
+            return None
         with self._lock:
             return self._recent.get((cgid, addr))
 

@@ -77,6 +77,7 @@ class EventBus:
         self.subscribers = 0
         self.closed = False
         self.listeners: list[Callable[[dict], None]] = []   # the event log, metrics
+        self._woken = self.last_seq
 
     # -- the writer (main loop) -------------------------------------------------------------------
 
@@ -116,6 +117,9 @@ class EventBus:
 
     def wake(self) -> None:
         """Once per tick, after publishing: spool to disk, then wake waiting subscribers."""
+        if self._woken == self.last_seq:
+            return
+        self._woken = self.last_seq
         if self.spool is not None:
             self.spool.flush()
         with self._cond:

@@ -33,7 +33,8 @@ class Spool:
         self._lock = threading.Lock()    # segment list: readers are the gRPC threads
         self._segments: list[int] = sorted(
             int(n[:-4]) for n in os.listdir(directory) if n.endswith(".evt") and n[:-4].isdigit())
-        self._buf = bytearray()
+        self._buf: list[bytes] = []   # records since the last flush, joined once per flush
+        self._pending = 0
         self._fd: int | None = None
         self._size = 0
         self.last_seq = 0
@@ -75,11 +76,12 @@ class Spool:
         return last
 
     def append(self, seq: int, wire: bytes) -> None:
-        if self._fd is None or self._size + len(self._buf) >= self._segment_bytes:
+        if self._fd is None or self._size + self._pending >= self._segment_bytes:
             self.flush()
             self._roll(seq)   # a segment's name is the seq of its first record
-        self._buf += _HEAD.pack(seq, len(wire))
-        self._buf += wire
+        self._buf.append(_HEAD.pack(seq, len(wire)))
+        self._buf.append(wire)
+        self._pending += _HEAD.size + len(wire)
         self.last_seq = seq
 
     def _roll(self, first: int) -> None:
@@ -102,12 +104,13 @@ class Spool:
     def flush(self) -> None:
         if not self._buf or self._fd is None:
             return
-        view = memoryview(self._buf)
+        data = b"".join(self._buf)
+        view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
-        self._size += len(self._buf)
-        self._total += len(self._buf)
-        self._buf = bytearray()
+        self._size += len(data)
+        self._total += len(data)
+        self._buf, self._pending = [], 0
 
     @property
     def first_seq(self) -> int:
