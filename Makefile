@@ -26,3 +26,10 @@ clean:
 .PHONY: bench-dns
 bench-dns: setup
 	$(PY) -m bench.dns $(ARGS)
+
+# Connection events kernel -> agent -> one gRPC subscriber (and the collector's SQLite), next to
+# the raw ring-buffer read rate; `ARGS=--quick` for a smoke run, `ARGS=--profile` adds py-spy
+# profiles (needs py-spy in .venv). Writes docs/benchmarks-events.md after a full run.
+.PHONY: bench-events
+bench-events: setup
+	$(PY) -m bench.events $(ARGS)

@@ -16,6 +16,17 @@
  *       answers the wanted state, and prints "seen <CLOCK_MONOTONIC ns> <probes>" (or "timeout").
  *       The caller triggers the change after "ready" and compares clocks (Python's
  *       time.monotonic_ns() reads the same CLOCK_MONOTONIC).
+ *   connect_loop [...] flood ADDR COUNT [RATE [tcp|udp [new|reuse]]]
+ *       COUNT connects to ADDR:<listener port>, as fast as it can or, with RATE > 0, paced to
+ *       RATE connects per second; each is one kernel decision (the event benchmark's
+ *       generator). new (the default): socket() + connect() + close() each time. A denied
+ *       connect fails with EPERM at once; an allowed TCP one is accepted and both ends closed
+ *       (so the listener's backlog never fills); udp connects a UDP socket (no packet is sent:
+ *       the connect4 hook decides, and an allowed connect costs no handshake). reuse: one
+ *       socket, connect() again and again: a denied connect leaves the socket unconnected and a
+ *       UDP socket may be connected anew, so the loop pays for the connect alone (TCP reuse
+ *       works for denied connects only). Prints one JSON line:
+ *       (start_ns/end_ns: CLOCK_MONOTONIC, comparable with time.monotonic_ns()).
  *
  * Why it is shaped like this:
  * - The process moves itself into the cgroup before it creates any socket: cgroup programs and
@@ -54,7 +65,8 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: connect_loop [--cgroup DIR] [--netns PATH] [--cpu N] loop COUNT WARMUP\n"
 		"       connect_loop [...] probe ADDR TIMEOUT_MS\n"
-		"       connect_loop [...] watch ADDR allowed|eperm TIMEOUT_MS INTERVAL_US\n");
+		"       connect_loop [...] watch ADDR allowed|eperm TIMEOUT_MS INTERVAL_US\n"
+		"       connect_loop [...] flood ADDR COUNT [RATE [tcp|udp [new|reuse]]]\n");
 	exit(64);
 }
 
@@ -277,6 +289,74 @@ static int cmd_watch(int listener, const struct sockaddr_in *dst, enum probe_res
 	return 1;
 }
 
+/*
+ * Pacing granularity of flood RATE: the schedule is checked every FLOOD_PACE_EVERY connects and
+ * the loop sleeps until the next one is due (absolute deadlines, so a late wake-up is caught up
+ * rather than accumulated). 64 connects is ~0.6 ms at 100k/s: smooth at the ring buffer's scale
+ * (the agent drains every 10 ms) without a clock read per connect.
+ */
+#define FLOOD_PACE_EVERY 64
+
+static void sleep_until(uint64_t t_ns)
+{
+	struct timespec ts = { .tv_sec = t_ns / 1000000000ull, .tv_nsec = t_ns % 1000000000ull };
+
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+		;
+}
+
+static int cmd_flood(int listener, const struct sockaddr_in *dst, long count, long rate,
+		     int type, int reuse)
+{
+	long eperm = 0, allowed = 0, other = 0;
+	int last_errno = 0, fd = -1;
+	uint64_t t0 = now_ns(), t1;
+
+	for (long i = 0; i < count; i++) {
+		if (rate > 0 && i % FLOOD_PACE_EVERY == 0) {
+			uint64_t due = t0 + (uint64_t)((double)i * 1e9 / (double)rate);
+
+			if (now_ns() < due)
+				sleep_until(due);
+		}
+		if (fd < 0) {
+			fd = socket(AF_INET, type | SOCK_CLOEXEC, 0);
+			if (fd < 0)
+				die("socket");
+		}
+		if (connect(fd, (const struct sockaddr *)dst, sizeof(*dst)) == 0) {
+			allowed++;
+			if (type == SOCK_STREAM) {
+				int peer = accept(listener, NULL, NULL);
+
+				if (peer < 0)
+					die("accept");
+				close_reset(fd);
+				close(peer);
+				fd = -1;   /* a connected TCP socket cannot connect again */
+				continue;
+			}
+		} else if (errno == EPERM) {
+			eperm++;
+		} else {
+			other++;
+			last_errno = errno;
+		}
+		if (!reuse) {
+			close(fd);
+			fd = -1;
+		}
+	}
+	if (fd >= 0)
+		close(fd);
+	t1 = now_ns();
+	printf("{\"count\": %ld, \"eperm\": %ld, \"allowed\": %ld, \"other\": %ld, "
+	       "\"last_errno\": %d, \"elapsed_ns\": %llu, \"start_ns\": %llu, \"end_ns\": %llu}\n",
+	       count, eperm, allowed, other, last_errno, (unsigned long long)(t1 - t0),
+	       (unsigned long long)t0, (unsigned long long)t1);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cgroup = NULL, *netns = NULL;
@@ -333,6 +413,25 @@ int main(int argc, char **argv)
 			usage();
 		return cmd_watch(listener, &dst, want, (int)number(argv[i + 3], 1, 600000),
 				 number(argv[i + 4], 0, 1000000));
+	}
+	if (strcmp(argv[i], "flood") == 0 && argc - i >= 3 && argc - i <= 6) {
+		int type = SOCK_STREAM, reuse = 0;
+
+		if (argc - i >= 5 && strcmp(argv[i + 4], "udp") == 0)
+			type = SOCK_DGRAM;
+		else if (argc - i >= 5 && strcmp(argv[i + 4], "tcp") != 0)
+			usage();
+		if (argc - i == 6 && strcmp(argv[i + 5], "reuse") == 0)
+			reuse = 1;
+		else if (argc - i == 6 && strcmp(argv[i + 5], "new") != 0)
+			usage();
+		/* an allowed TCP connect is accepted at once, blocking: exactly one is pending */
+		if (fcntl(listener, F_SETFL, 0) != 0)
+			die("fcntl");
+		if (inet_pton(AF_INET, argv[i + 1], &dst.sin_addr) != 1)
+			usage();
+		return cmd_flood(listener, &dst, number(argv[i + 2], 1, 100000000),
+				 argc - i >= 4 ? number(argv[i + 3], 0, 100000000) : 0, type, reuse);
 	}
 	usage();
 	return 64;
