@@ -98,7 +98,9 @@ def _reloads(rows: list[dict]) -> dict:
         out[kind] = {"n": len(xs), "rules": xs[0]["rules"],
                      "triggers": sorted({x.get("trigger", "SIGHUP") for x in xs}),
                      "probe_s": [x["probe_allowed_s"] for x in xs],
-                     "log_s": [x["log_in_force_s"] for x in xs]}
+                     "log_s": [x["log_in_force_s"] for x in xs],
+                     "split": [(x["agent_load_s"], x["agent_compile_s"]) for x in xs
+                               if "agent_load_s" in x]}
     return out
 
 
@@ -259,8 +261,14 @@ def render(results: dict, raw_path: Path) -> str:
                      f"{e['programs'][p]['ns_per_run']:.0f}" for p in progs]
             lines.append(f"| {name} | {e['self_ns_per_cycle']:.0f} | " + " | ".join(cells) + " |")
 
+    lines += _control_plane(results, ev)
+    lines += ["", END, ""]
+    return "\n".join(lines)
+
+
+def _control_plane(results: dict, ev: dict) -> list[str]:
+    lines = ["", "### Control plane", "", "| what | rules | time |", "|---|---:|---|"]
     start = results.get("start")
-    lines += ["", "### Control plane", "", "| what | rules | time |", "|---|---:|---|"]
     if start:
         lines.append(f"| agent start → a probe in a governed cgroup is refused | "
                      f"{start['rules']:,} | {_s(start['probe_refused_s'])} |")
@@ -268,6 +276,10 @@ def render(results: dict, raw_path: Path) -> str:
                      f"{_s(start['log_enforcing_s'])} (the agent's own figure, whose clock "
                      f"starts after it has read the policies: {start['agent_reported_s']:.2f} s; "
                      f"BPF compile and load: {_s(start['bpf_compile_s'])}) |")
+        if "agent_load_s" in start:
+            lines.append(f"| at start, the agent's own split: reading the policies, compiling them "
+                         f"| {start['rules']:,} | {_s(start['agent_load_s'])}, "
+                         f"{_s(start['agent_compile_s'])} |")
     for kind, r in ev["reloads"].items():
         what = "every CIDR replaced" if kind == "replace" else "one CIDR swapped"
         if r["triggers"] != ["SIGHUP"]:
@@ -276,17 +288,43 @@ def render(results: dict, raw_path: Path) -> str:
                      f"gets through | {r['rules']:,} | {', '.join(map(_s, r['probe_s']))} |")
         lines.append(f"| policy change ({what}): SIGHUP → \"policy generation N in force\" | "
                      f"{r['rules']:,} | {', '.join(map(_s, r['log_s']))} |")
+        if r.get("split"):
+            lines.append(f"| policy change ({what}): the agent's own split, reading the changed "
+                         f"file + compiling the changed policy (the other files and policies "
+                         f"reused) | {r['rules']:,} | "
+                         + ", ".join(f"{_s(a)} + {_s(c)}" for a, c in r["split"]) + " |")
     parse = results.get("policy_parse")
     if parse:
-        lines.append(f"| the agent's `load_policy_dir` of the same policy directory, timed "
-                     f"once in the bench's process after the reloads | {parse['rules']:,} | "
+        how = (f"median of {len(parse['load_all_s'])}, each from scratch as at a start"
+               if "load_all_s" in parse else "timed once")
+        lines.append(f"| the agent's `load_policy_dir` of the same policy directory, in the "
+                     f"bench's process after the reloads ({how}) | {parse['rules']:,} | "
                      f"{_s(parse['load_s'])} |")
         lines.append(f"| the agent's `compile_policies` of it, likewise | {parse['rules']:,} | "
                      f"{_s(parse['compile_s'])} |")
     for n, t in results.get("nft_load_s", {}).items():
         lines.append(f"| for comparison: `nft -f` of the {n}-element table | {n} | {_s(t)} |")
-    lines += ["", END, ""]
-    return "\n".join(lines)
+    return lines
+
+
+def evaluate_control_plane(results: dict) -> dict:
+    """evaluate() of a --control-plane run, which has no connect samples."""
+    return {"reloads": _reloads(results.get("reloads", []))}
+
+
+def render_control_plane(results: dict, raw_path: Path) -> str:
+    """The control-plane table of a --control-plane run, with the facts it was measured under."""
+    h = results["host"]
+    lines = [
+        f"## Control plane only: {h['date_utc']}", "",
+        f"- Command: `{results['command']}` ({results['duration_s']:.0f} s); raw results in "
+        f"`{raw_path}`",
+        f"- Kernel {h['kernel']}, {h['cpus']} × {h['cpu']}; load average "
+        f"{h['loadavg_start'][0]:.2f} at the start, {results.get('loadavg_end', [0])[0]:.2f} at "
+        "the end (a shared VM: other work ran alongside)",
+    ]
+    lines += _control_plane(results, results["evaluation"])
+    return "\n".join(lines + [""])
 
 
 def _s(x: float | None) -> str:

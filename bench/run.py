@@ -2,6 +2,8 @@
 
     python -m bench.run            # full run (~5-10 min), rewrites docs/benchmarks.md
     python -m bench.run --quick    # smoke run (< 1 min, smaller rule sets), prints the tables
+    python -m bench.run --control-plane   # only agent start and policy reloads (10/10k/100k
+                                          # rules, ~1 min), prints that table
 
 Every variant is a (cgroup, network namespace) pair in which bench/connect_loop.c times
 socket() + connect() + accept() + close() cycles to its own 127.0.0.1 listener:
@@ -31,6 +33,7 @@ import os
 import random
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                    "run, none for --quick)")
     p.add_argument("--no-docs", action="store_true", help="do not write any markdown")
     p.add_argument("--seed", type=int, default=1, help="seed of the rule sets and the order")
+    p.add_argument("--control-plane", action="store_true",
+                   help="only the agent's start, the policy reloads and the parse cost, with the "
+                   "full run's rule counts (with --quick, the quick run's): no connect rounds, "
+                   "no nft; prints its table, docs untouched")
     p.add_argument("--from-results", type=Path, metavar="JSON",
                    help="measure nothing: re-evaluate a raw results file and write its tables "
                    "(to --docs, default docs/benchmarks.md)")
@@ -145,18 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         "host": host_facts(nft=run_cmd(["nft", "--version"]).stdout.strip()),
     }
     try:
-        measure(settings, args.cpu, args.seed, results)
+        measure(settings, args.cpu, args.seed, results, args.control_plane)
     except BenchError as err:
         log.error("%s", err)
         return 1
     results["duration_s"] = time.monotonic() - started
+    if args.control_plane:
+        results["evaluation"] = report.evaluate_control_plane(results)
+        report.publish(results, "control-", args.quick, report.render_control_plane, None)
+        return 0
     results["evaluation"] = report.evaluate(results)
 
     report.publish(results, "", args.quick, report.render, docs)
     return 0
 
 
-def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
+def measure(s: Settings, cpu: int | None, seed: int, results: dict,
+            control_plane: bool = False) -> None:
+    """Everything, or with control_plane only the agent variants' start and reloads."""
     run_id = f"{os.getpid():x}{random.randrange(16 ** 4):04x}"
     name = f"hostagent-bench-{run_id}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{name}-"))
@@ -172,18 +185,20 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
 
         variants = [Variant("baseline", "baseline", 0,
                             Place(make_cgroup(stack, os.path.join(plain, "base")), plain_ns, cpu),
-                            "allowed", "nothing attached, no nft rules"),
-                    Variant("control", "control", 0,
-                            Place(make_cgroup(stack, os.path.join(plain, "control")),
-                                  make_netns(stack, f"{name}-ctl"), cpu),
-                            "allowed", "the baseline again, in its own cgroup and namespace: "
-                            "an A/A check, its \"added\" cost is the noise floor")]
+                            "allowed", "nothing attached, no nft rules")]
+        if not control_plane:
+            variants.append(Variant("control", "control", 0,
+                                    Place(make_cgroup(stack, os.path.join(plain, "control")),
+                                          make_netns(stack, f"{name}-ctl"), cpu),
+                                    "allowed", "the baseline again, in its own cgroup and "
+                                    "namespace: an A/A check, its \"added\" cost is the noise "
+                                    "floor"))
         nft_load = {}
         for n in s.sizes:
             cg = make_cgroup(stack, os.path.join(agent_root, f"w{label(n)}"))
             variants.append(Variant(f"agent-{label(n)}", "agent", n, Place(cg, plain_ns, cpu),
                                     "eperm", f"hostagent policy of {n:,} CIDRs (enforce mode)"))
-        for n in s.sizes:
+        for n in (() if control_plane else s.sizes):
             cg = make_cgroup(stack, os.path.join(plain, f"nft-{label(n)}"))
             ns = make_netns(stack, f"{name}-n{label(n)}")
             table = f"hostagent_bench_{run_id}"
@@ -213,8 +228,9 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
                                     "cgroup": v.place.cgroup, "netns": v.place.netns,
                                     "what": v.what} for v in variants]
             _check_verdicts(variants)
-            results["samples"] = _rounds(s, variants, seed)
-            results["self_time"] = _self_time(s, files, variants)
+            if not control_plane:
+                results["samples"] = _rounds(s, variants, seed)
+                results["self_time"] = _self_time(s, files, variants)
             big = next(v for v in variants if v.kind == "agent" and v.rules == largest)
             results["reloads"] = _reloads(s, files, agent, big, current[big.name], seed)
             results["policy_parse"] = _parse_cost(files, sum(s.sizes))
@@ -268,18 +284,36 @@ def _start(stack: Cleanup, files: AgentFiles, variants: list[Variant], largest: 
     finally:
         watch.close()
     compiled = _first(agent, r"programs compiled and loaded in ([0-9.]+)s")
+    split = _policy_split(agent, 0, i)
     results["start"] = {
         "rules": sum(v.rules for v in variants if v.kind == "agent"),
         "probe_refused_s": (seen[0] - t0) / 1e9 if seen else None,
         "log_enforcing_s": (agent.lines[i].t_ns - t0) / 1e9,
         "agent_reported_s": float(m.group(2)),
         "bpf_compile_s": float(compiled) if compiled else None,
+        **split,
     }
     log.info("enforcing after %.2f s (refused by probe after %s s)",
              results["start"]["log_enforcing_s"],
              f"{results['start']['probe_refused_s']:.2f}" if seen else "never")
     results["attached"] = attached_programs(files.config)
     return agent
+
+
+_SPLIT = re.compile(r"policies read in ([0-9.]+)s \((\d+) files parsed.*compiled in "
+                    r"([0-9.]+)s \((\d+) of (\d+) policies\)")
+
+
+def _policy_split(agent, first: int, last: int) -> dict:
+    """The agent's own account of a load (its log line from _load_policies) between two of
+    its log lines: how long reading and compiling the policies took, and how much was redone."""
+    for line in reversed(agent.lines[first:last + 1]):
+        m = _SPLIT.search(line.text)
+        if m:
+            return {"agent_load_s": float(m.group(1)), "files_parsed": int(m.group(2)),
+                    "agent_compile_s": float(m.group(3)), "policies_compiled": int(m.group(4)),
+                    "policies": int(m.group(5))}
+    return {}
 
 
 def _first(agent, pattern: str) -> str | None:
@@ -397,8 +431,9 @@ def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[st
         polled = any("policy directory changed" in x.text for x in agent.lines[idx:i + 1])
         out.append({"kind": kind, "rules": big.rules, "generation": int(m.group(1)),
                     "trigger": "directory poll" if polled else "SIGHUP",
-                     "probe_allowed_s": (seen[0] - t0) / 1e9 if seen else None,
-                     "log_in_force_s": (agent.lines[i].t_ns - t0) / 1e9})
+                    "probe_allowed_s": (seen[0] - t0) / 1e9 if seen else None,
+                    "log_in_force_s": (agent.lines[i].t_ns - t0) / 1e9,
+                    **_policy_split(agent, idx, i)})
         log.info("reload %d (%s %d rules): in force after %.2f s (log), %s s (probe)", k + 1,
                  kind, big.rules, out[-1]["log_in_force_s"],
                  f"{out[-1]['probe_allowed_s']:.2f}" if seen else "never")
@@ -411,22 +446,32 @@ def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[st
     return out
 
 
+PARSE_REPEATS = 3   # the parse cost is timed this many times (fresh each time), median shown
+
+
 def _parse_cost(files: AgentFiles, n_rules: int) -> dict:
-    """Where reload time goes: the agent's own policy loading and compiling, timed in this
-    process on the same directory (no kernel involved)."""
+    """Where start time goes: the agent's policy loading and compiling, timed in this process
+    on the same directory (no kernel involved), from scratch each time as at an agent's start.
+    A reload re-reads only what changed: see the agent's own split in the reload rows."""
     from hostagent.config import load_config
     from hostagent.policy.compile import compile_policies
     from hostagent.policy.load import load_policy_dir
 
     cfg = load_config(str(files.config))
-    t0 = time.monotonic()
-    policies = load_policy_dir(files.policy_dir)
-    t1 = time.monotonic()
-    compile_policies(policies, cfg.metadata.blocked_networks())
-    t2 = time.monotonic()
-    log.info("policy directory of %d rules: loaded in %.2f s, compiled in %.2f s", n_rules,
-             t1 - t0, t2 - t1)
-    return {"rules": n_rules, "load_s": t1 - t0, "compile_s": t2 - t1}
+    load_s, compile_s = [], []
+    for _ in range(PARSE_REPEATS):
+        t0 = time.perf_counter()
+        policies = load_policy_dir(files.policy_dir)
+        t1 = time.perf_counter()
+        compile_policies(policies, cfg.metadata.blocked_networks())
+        t2 = time.perf_counter()
+        load_s.append(t1 - t0)
+        compile_s.append(t2 - t1)
+    log.info("policy directory of %d rules: loaded in %s s, compiled in %s s", n_rules,
+             ", ".join(f"{x:.2f}" for x in load_s), ", ".join(f"{x:.2f}" for x in compile_s))
+    return {"rules": n_rules, "load_s": statistics.median(load_s),
+            "compile_s": statistics.median(compile_s), "load_all_s": load_s,
+            "compile_all_s": compile_s, "loadavg": os.getloadavg()}
 
 
 if __name__ == "__main__":

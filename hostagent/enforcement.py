@@ -38,7 +38,7 @@ class InstalledRuleset:
     id: int
     ruleset: Ruleset
     keys: bytes            # packed rule keys, for deletion
-    portsets: tuple[int, ...]
+    portsets: tuple[tuple[int, int], ...]   # (port set id, references held) per port set used
     generation: int
 
 
@@ -195,10 +195,10 @@ class Enforcement:
         with self._portset_lock:
             return self._hold_portset(ports)
 
-    def _hold_portset(self, ports: tuple[PortEntry, ...]) -> int:
+    def _hold_portset(self, ports: tuple[PortEntry, ...], refs: int = 1) -> int:
         slot = self._portsets.get(ports)
         if slot:
-            slot[1] += 1
+            slot[1] += refs
             return slot[0]
         if self._free_portsets:
             pid = self._free_portsets.pop()
@@ -213,7 +213,7 @@ class Enforcement:
                                          rule=p.rule)
         table = self._t["portsets"]
         table[table.Key(pid)] = table.Leaf.from_buffer_copy(bytes(ps))
-        self._portsets[ports] = [pid, 1]
+        self._portsets[ports] = [pid, refs]
         self._portset_content[pid] = ports
         return pid
 
@@ -222,13 +222,13 @@ class Enforcement:
         with self._portset_lock:
             self._release_portset(pid)
 
-    def _release_portset(self, pid: int) -> None:
+    def _release_portset(self, pid: int, refs: int = 1) -> None:
         ports = self._portset_content.get(pid)
         if ports is None:
             return
         slot = self._portsets[ports]
-        slot[1] -= 1
-        if slot[1] == 0:
+        slot[1] -= refs
+        if slot[1] <= 0:
             del self._portsets[ports]
             del self._portset_content[pid]
             table = self._t["portsets"]
@@ -239,17 +239,28 @@ class Enforcement:
         rid = self._next_ruleset
         self._next_ruleset += 1
         rid_be = rid.to_bytes(4, "big")
+        # The entries of one rule share one port tuple (compile_ruleset): hold each distinct
+        # tuple once, with as many references as entries use it, not 100k times over.
+        uses: dict[int, list] = {}   # id(ports) -> [ports, entries using it, port set id]
+        for ports, _ in ruleset.entries.values():
+            use = uses.get(id(ports))
+            if use is None:
+                uses[id(ports)] = [ports, 1, 0]
+            else:
+                use[1] += 1
+        with self._portset_lock:
+            for use in uses.values():
+                use[2] = self._hold_portset(use[0], use[1])
         keys = bytearray()
         values = bytearray()
-        portsets = []
+        key, value, named = _RULE_KEY.pack, _RULE_VALUE.pack, abi.RULE_NAMED
         for (addr, plen), (ports, grant) in ruleset.entries.items():
-            pid = self.hold_portset(ports)
-            portsets.append(pid)
-            keys += _RULE_KEY.pack(32 + plen, rid_be, addr.to_bytes(16, "big"))
-            values += _RULE_VALUE.pack(pid, abi.RULE_NAMED if grant else 0)
+            keys += key(32 + plen, rid_be, addr.to_bytes(16, "big"))
+            values += value(uses[id(ports)][2], named if grant else 0)
         self._write_rules(bytes(keys), bytes(values), len(ruleset.entries))
         self._by_ruleset_id[rid] = ruleset
-        return InstalledRuleset(rid, ruleset, bytes(keys), tuple(portsets), generation)
+        portsets = tuple((pid, refs) for _, refs, pid in uses.values())
+        return InstalledRuleset(rid, ruleset, bytes(keys), portsets, generation)
 
     def _write_rules(self, keys: bytes, values: bytes, n: int) -> None:
         if not n:
@@ -277,8 +288,9 @@ class Enforcement:
                         del table[k]
                     except KeyError:
                         pass  # already gone: deletion is the goal
-        for pid in inst.portsets:
-            self.release_portset(pid)
+        with self._portset_lock:
+            for pid, refs in inst.portsets:
+                self._release_portset(pid, refs)
         self.rule_entries -= n
 
     def _gc_adopted(self) -> None:
