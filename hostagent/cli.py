@@ -1,4 +1,4 @@
-"""hostagent's command line: run, policy check, status, uninstall."""
+"""hostagent's command line: run, policy check, status, uninstall, events, collector."""
 
 from __future__ import annotations
 
@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall.set_defaults(func=cmd_uninstall)
 
     from hostagent.api.tail import register as register_events
+    from hostagent.collector.cli import register as register_collector
+
     register_events(sub)
+    register_collector(sub)
     return p
 
 

@@ -20,8 +20,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 arch=$(dpkg --print-architecture)
-# curl and systemd (systemd-analyze): the packaging tests run the docs' probe and verify the unit
-want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv curl systemd)
+# curl and systemd (systemd-analyze): the packaging tests run the docs' probe and verify the unit;
+# postgresql: the collector's PostgreSQL store is tested against a private throwaway server
+want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv curl systemd postgresql)
 kver=$(uname -r)
 have_headers() {
   local m="/lib/modules/$kver"

@@ -35,6 +35,12 @@ def decode(framed: list[bytes]) -> list[pb.Event]:
     return list(pb.EventBatch.FromString(b"".join(framed)).events)
 
 
+def published(bus: EventBus) -> EventBus:
+    """Events reach readers once a tick's wake() has spooled them."""
+    bus.wake()
+    return bus
+
+
 def seqs(wires):
     return [e.seq for e in decode(wires)]
 
@@ -61,18 +67,18 @@ def test_numbers_without_gaps_and_readers_resume_anywhere():
     bus = EventBus(100, "n", "v")
     for i in range(10):
         bus.publish(conn(i))
-    wires, cursor = bus.read(0, 4)
+    wires, cursor = published(bus).read(0, 4)
     assert seqs(wires) == [1, 2, 3, 4] and cursor == 4
-    wires, cursor = bus.read(cursor, 100)
+    wires, cursor = published(bus).read(cursor, 100)
     assert seqs(wires) == list(range(5, 11)) and cursor == 10
-    assert bus.read(10, 100) == ([], 10)
+    assert published(bus).read(10, 100) == ([], 10)
 
 
 def test_a_reader_that_fell_behind_is_told_exactly_what_it_missed():
     bus = EventBus(1000, "n", "v")
     for i in range(2500):
         bus.publish(conn(i))
-    wires, cursor = bus.read(100, 5000)
+    wires, cursor = published(bus).read(100, 5000)
     events = decode(wires)
     lost = events[0]
     assert lost.kind == pb.KIND_LOST and lost.seq == 0
@@ -88,11 +94,11 @@ def test_filters_select_and_lost_records_always_pass():
     bus.publish({"kind": "lost", "time": "2026-01-02T03:04:05Z",
                  "lost": {"source": "kernel_ringbuf", "count": 3}})
     only = EventFilter.build(verdicts=["deny"])
-    assert seqs(bus.read(0, 10, only)[0]) == [2, 3]
-    assert seqs(bus.read(0, 10, EventFilter.build(destinations=["10.0.0.0/8"]))[0]) == [1, 3]
-    assert seqs(bus.read(0, 10, EventFilter.build(destinations=["*.openai.com"]))[0]) == [2, 3]
-    assert seqs(bus.read(0, 10, EventFilter.build(workloads=["pod=api-*"]))[0]) == [2, 3]
-    assert seqs(bus.read(0, 10, EventFilter.build(workloads=["label:app=web"],
+    assert seqs(published(bus).read(0, 10, only)[0]) == [2, 3]
+    assert seqs(published(bus).read(0, 10, EventFilter.build(destinations=["10.0.0.0/8"]))[0]) == [1, 3]
+    assert seqs(published(bus).read(0, 10, EventFilter.build(destinations=["*.openai.com"]))[0]) == [2, 3]
+    assert seqs(published(bus).read(0, 10, EventFilter.build(workloads=["pod=api-*"]))[0]) == [2, 3]
+    assert seqs(published(bus).read(0, 10, EventFilter.build(workloads=["label:app=web"],
                                                   kinds=["connection"]))[0]) == [1, 2, 3]
     with pytest.raises(FilterError, match="key=pattern"):
         EventFilter.build(workloads=["prod"])
@@ -108,7 +114,7 @@ def test_the_spool_keeps_numbering_and_events_across_restarts(tmp_path):
     bus2 = EventBus(1000, "n", "v", Spool(str(tmp_path), 1 << 20))
     assert bus2.last_seq == 50 and bus2.oldest_seq == 1
     bus2.publish(conn(99))
-    wires, cursor = bus2.read(40, 100)     # from the spool, then memory
+    wires, cursor = published(bus2).read(40, 100)     # from the spool, then memory
     assert seqs(wires) == list(range(41, 52)) and cursor == 51
     assert decode(wires)[-1].workload.cgroup_id == 1099
 
@@ -139,7 +145,7 @@ def test_the_spool_drops_whole_old_segments_at_its_cap(tmp_path):
     assert size <= 256 * 1024 + spool._segment_bytes
     oldest = bus.oldest_seq
     assert 1 < oldest < 4000
-    wires, _ = bus.read(0, 10)
+    wires, _ = published(bus).read(0, 10)
     first = decode(wires)[0]
     assert first.kind == pb.KIND_LOST and first.lost.last_seq == oldest - 1
 
@@ -156,3 +162,20 @@ def test_without_a_spool_numbers_never_repeat_after_a_kill(tmp_path):
     assert bus2.publish(conn(0)) == SeqFile.BLOCK + 1
     bus2.close()
     assert SeqFile(path).gap is None and SeqFile(path).last_seq == SeqFile.BLOCK + 1
+
+
+def test_nothing_is_read_or_logged_before_it_is_spooled(tmp_path):
+    """A subscriber or the event log never sees a seq the spool does not hold yet: an agent
+    killed between publish and the tick's flush must not have given it out."""
+    logged = []
+    bus = EventBus(100, "n", "v", Spool(str(tmp_path), 1 << 20))
+    bus.listeners.append(logged.append)
+    bus.publish(conn(1))
+    assert bus.read(0, 10) == ([], 0) and logged == []
+    assert not bus.wait(0, 0.01)
+    bus.wake()
+    assert seqs(bus.read(0, 10)[0]) == [1] and [e["seq"] for e in logged] == [1]
+    # the log's form is the stream's form, for every kind of event
+    bus.publish({"kind": "agent", "time": "2026-01-02T03:04:05Z", "agent": {"phase": "stopping"}})
+    bus.wake()
+    assert logged[-1] == from_proto(decode(bus.read(1, 10)[0])[0])

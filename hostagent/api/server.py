@@ -64,13 +64,13 @@ class AgentApi:
         elif request.since:
             cursor = request.since
         else:
-            cursor = bus.last_seq
+            cursor = bus.sent_seq
         limit = min(request.max_batch or DEFAULT_BATCH, MAX_BATCH)
         self.streams += 1
         bus.subscribers += 1
         try:
             while context.is_active() and not bus.closed:
-                if cursor >= bus.last_seq and not bus.wait(cursor, WAIT_SLICE):
+                if cursor >= bus.sent_seq and not bus.wait(cursor, WAIT_SLICE):
                     continue
                 events, cursor = bus.read(cursor, limit, flt)
                 if events:
@@ -84,7 +84,7 @@ class AgentApi:
         return api.Status(node=self.bus.node, agent_version=self.bus.version,
                           phase=s.get("phase", ""), ready=bool(s.get("ready")),
                           generation=s.get("generation") or 0,
-                          policies=s.get("policies") or [], last_seq=self.bus.last_seq,
+                          policies=s.get("policies") or [], last_seq=self.bus.sent_seq,
                           oldest_seq=self.bus.oldest_seq,
                           events_lost=(s.get("events") or {}).get("lost", 0),
                           subscribers=self.bus.subscribers,

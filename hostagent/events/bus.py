@@ -9,6 +9,11 @@ another subscriber; the most it can fall behind is the ring (then the spool). Ev
 further behind than that are gone for it, and it is told exactly which: a lost record with
 seq 0 naming the range, counted in `lost_by_subscribers`.
 
+Nothing leaves before it is in the spool: subscribers and listeners (the event log) see events
+up to `sent_seq`, which wake() moves once per tick after the spool's write. So an agent killed
+between two ticks never gave out a seq that its successor, numbering on from the spool, gives
+to another event.
+
 The main loop is the only writer. It writes the slot, then bumps last_seq; a reader that finds
 a slot holding another seq than the one it wants was overtaken while reading, which is the
 same "fell behind" case.
@@ -77,7 +82,8 @@ class EventBus:
         self.subscribers = 0
         self.closed = False
         self.listeners: list[Callable[[dict], None]] = []   # the event log, metrics
-        self._woken = self.last_seq
+        self.sent_seq = self.last_seq             # what subscribers and listeners may see
+        self._unsent: list[bytes] = []            # for listeners: events since sent_seq
 
     # -- the writer (main loop) -------------------------------------------------------------------
 
@@ -94,18 +100,12 @@ class EventBus:
         event["node"] = self.node
         event["agent_version"] = self.version
         self._keep(seq, to_proto(event).SerializeToString())
-        for listener in self.listeners:
-            listener(event)
         return seq
 
     def publish_encoded(self, seq: int, wire: bytes) -> None:
         """An event already serialized (hostagent.events.encode), seq and node included; its
         dictionary form is made only if a listener or a filtering subscriber asks."""
         self._keep(seq, wire)
-        if self.listeners:
-            event = from_proto(_parse(wire))
-            for listener in self.listeners:
-                listener(event)
 
     def _keep(self, seq: int, wire: bytes) -> None:
         # framed as one element of EventBatch.events, so a batch is a join of slots
@@ -114,18 +114,28 @@ class EventBus:
         self.last_seq = seq   # after the slot: a reader never sees a seq before its event
         if self.spool is not None:
             self.spool.append(seq, framed)
+        if self.listeners:
+            self._unsent.append(framed)
 
     def wake(self) -> None:
-        """Once per tick, after publishing: spool to disk, then wake waiting subscribers."""
-        if self._woken == self.last_seq:
+        """Once per tick, after publishing: spool to disk, then hand the new events to the
+        listeners (in their dictionary form, the same for every kind of event: from_proto of
+        what subscribers get) and to waiting subscribers."""
+        if self.sent_seq == self.last_seq:
             return
-        self._woken = self.last_seq
         if self.spool is not None:
             self.spool.flush()
+        unsent, self._unsent = self._unsent, []
+        for framed in unsent:
+            event = from_proto(_parse(framed))
+            for listener in self.listeners:
+                listener(event)
         with self._cond:
+            self.sent_seq = self.last_seq
             self._cond.notify_all()
 
     def close(self) -> None:
+        self.wake()   # the last events out first
         with self._cond:
             self.closed = True
             self._cond.notify_all()
@@ -148,8 +158,8 @@ class EventBus:
     def wait(self, after: int, timeout: float) -> bool:
         """Until an event newer than `after` exists (True), or timeout/close (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.last_seq > after or self.closed, timeout) \
-                and self.last_seq > after
+            return self._cond.wait_for(lambda: self.sent_seq > after or self.closed, timeout) \
+                and self.sent_seq > after
 
     def read(self, after: int, limit: int, flt: EventFilter | None = None
              ) -> tuple[list[bytes], int]:
@@ -161,7 +171,7 @@ class EventBus:
         """
         out: list[bytes] = []
         seq = after + 1
-        last = min(self.last_seq, after + limit)
+        last = min(self.sent_seq, after + limit)
         while seq <= last:
             slot = self._slots[seq % self.capacity]
             if slot is not None and slot[0] == seq and seq >= self._first_memory:
