@@ -1,7 +1,7 @@
 """CgroupWatcher against the real cgroup v2 filesystem, and against a plain directory tree.
 
-The cgroupfs tests need root and a writable cgroup v2 mount, and skip otherwise. They do not use
-the shared `privileged` marker, because that one also requires bcc, and these tests load no BPF.
+The cgroupfs tests need root and a writable cgroup v2 mount. They skip without root, like the
+`privileged` tests; as root, a missing cgroup v2 mount fails the run (tests/conftest.py).
 Each test makes its own cgroup below the mount and removes everything it made, even on failure.
 The plain-directory tests (tmp_path) cover renames and moves, which cgroup v2 refuses (EPERM),
 and run anywhere.
@@ -24,23 +24,14 @@ import pytest
 
 from hostagent.cgroupfs import CgroupRoot, cgroup2_mount
 from hostagent.cgroupwatch import CREATED, REMOVED, CgroupEvent, CgroupWatcher
-from hostagent.errors import HostAgentError, SetupError
+from hostagent.errors import SetupError
+from tests.conftest import privileged_unavailable
 
 _seq = itertools.count()
 _LIMIT_WARNING = "cannot watch more cgroups"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _cgroup2_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    try:
-        cgroup2_mount()
-    except HostAgentError as err:
-        return f"no cgroup v2: {err}"
-    return None
-
 
 def _kill_and_wait(cgroup: str, timeout: float = 5.0) -> None:
     """Empty a cgroup of processes (our own, if a test left any)."""
@@ -127,7 +118,7 @@ def ino(root: CgroupRoot, rel: str) -> int:
 
 @pytest.fixture
 def cgroot():
-    reason = _cgroup2_missing()
+    reason = privileged_unavailable()
     if reason:
         pytest.skip(reason)
     mount = cgroup2_mount()
