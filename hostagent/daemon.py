@@ -14,12 +14,11 @@ import json
 import logging
 import os
 import select
+import hashlib
 import signal
 import socket
 import time
-import collections
-from collections import deque
-from datetime import datetime, timezone
+from collections import defaultdict, deque
 
 import psutil
 
@@ -34,6 +33,7 @@ from hostagent.dns import DnsCollector, Resolver, system_upstreams
 from hostagent.errors import ConfigError, HostAgentError, PolicyError
 from hostagent.events.aggregate import Aggregator
 from hostagent.events.bus import EventBus, SeqFile
+from hostagent.events.convert import iso_time
 from hostagent.events.log import EventLog
 from hostagent.events.spool import Spool
 from hostagent.events.reader import DRAIN_INTERVAL, RingReader
@@ -71,7 +71,7 @@ class Phase(enum.Enum):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return iso_time(time.time_ns() // 1000)
 
 
 def policy_dir_snapshot(path: str) -> tuple:
@@ -89,17 +89,6 @@ def policy_dir_snapshot(path: str) -> tuple:
                 continue
             out.append((e.name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
-
-
-def _read_files(paths) -> list[tuple[str, bytes]]:
-    out = {}
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                out[path] = f.read()
-        except OSError:
-            continue   # gone since it was listed: the next reload sees that
-    return sorted(out.items())
 
 
 class Agent:
@@ -143,7 +132,8 @@ class Agent:
         self._policy_files: list[tuple[str, bytes]] = []   # of the generation in force
         self._last_status: dict = {}
         self._event_counters: dict = {}          # hostagent_events_total children, by verdict
-        self._kernel_counts: dict[int, int] = collections.defaultdict(int)
+        # events published since the metric was last brought up to date, by verdict
+        self._uncounted: dict[str, int] = defaultdict(int)
         self._encoder: ConnectionEncoder | None = None
         self._aggregator = (Aggregator(cfg.aggregate_window) if cfg.aggregate_window > 0
                             else None)
@@ -280,14 +270,18 @@ class Agent:
                  "mutual TLS" if tls and tls["clientCA"] else "TLS" if tls else "plain text")
 
     def _publish(self, event: dict) -> None:
-        self._event_counter(event.get("verdict") or "none").inc()
+        self._uncounted[event.get("verdict") or "none"] += 1
         self.bus.publish(event)
 
-    def _event_counter(self, verdict: str):
-        counter = self._event_counters.get(verdict)
-        if counter is None:
-            counter = self._event_counters[verdict] = self.metrics.events.labels(verdict)
-        return counter
+    def _count_events(self) -> None:
+        """hostagent_events_total, once per tick rather than once per event."""
+        for verdict, n in self._uncounted.items():
+            if n:
+                counter = self._event_counters.get(verdict)
+                if counter is None:
+                    counter = self._event_counters[verdict] = self.metrics.events.labels(verdict)
+                counter.inc(n)
+        self._uncounted.clear()
 
     def _report_losses(self) -> None:
         """A lost record for whatever was dropped before reaching the stream since last time."""
@@ -307,7 +301,6 @@ class Agent:
 
     def _policy_set(self):
         from hostagent.v1 import agent_pb2 as api
-        import hashlib
 
         return api.PolicySet(
             generation=self.enforcement.state.generation if self.enforcement else 0,
@@ -487,14 +480,12 @@ class Agent:
         """What changed, by policy name and by file (compared with the generation before)."""
         before = {p.name: p for p in previous}
         after = {p.name: p for p in policies}
-        old_files, new_files = dict(self._policy_files), dict(files)
+        # compared with the files in force: the new generation's, or (rejected) what the loader
+        # found on disk
+        old_files = dict(self._policy_files)
+        new_files = dict(files) if ok else self._policy_loader.read
         changed_files = sorted(path for path in set(old_files) | set(new_files)
                                if old_files.get(path) != new_files.get(path))
-        if not ok:   # the files on disk that differ from those in force
-            on_disk = dict(_read_files(os.path.join(self.cfg.policy_dir, entry[0])
-                                       for entry in policy_dir_snapshot(self.cfg.policy_dir)))
-            changed_files = sorted(path for path in set(old_files) | set(on_disk)
-                                   if old_files.get(path) != on_disk.get(path))
         self._publish({"kind": "policy", "time": _now(), "generation": generation,
                        "policy_change": {
                            "ok": ok, "policies": sorted(after),
@@ -625,13 +616,7 @@ class Agent:
             return
         seq = self.bus.next_seq()
         self.bus.publish_encoded(seq, self._encoder.encode(e, seq, count))
-        self._kernel_counts[e.verdict] += 1   # into the metric once per drain
-
-    def _count_kernel_events(self) -> None:
-        for verdict, n in self._kernel_counts.items():
-            if n:
-                self._event_counter(_VERDICT_NAMES.get(verdict, "none")).inc(n)
-                self._kernel_counts[verdict] = 0
+        self._uncounted[_VERDICT_NAMES.get(e.verdict, "none")] += 1
 
     def _policy_name(self, policy_id: int) -> str:
         return self.enforcement.policy_name(policy_id)
@@ -723,11 +708,11 @@ class Agent:
                 if self.phase is not Phase.RUNNING:
                     break
                 more = self._reader.drain()
-                self._count_kernel_events()
                 self._drain_dns_events()
                 if self._aggregator is not None and self._aggregator.due():
                     self._flush_aggregates()
                 self.bus.wake()
+                self._count_events()
                 now = time.monotonic()
                 if now >= next_poll:
                     next_poll = now + POLICY_POLL_INTERVAL
@@ -764,7 +749,6 @@ class Agent:
             try:
                 while self._reader.drain():   # what is already queued still reaches the log
                     pass
-                self._count_kernel_events()
                 if self._aggregator is not None:
                     self._flush_aggregates()
             except Exception:  # noqa: BLE001 - teardown goes on whatever the ring says
@@ -782,6 +766,7 @@ class Agent:
                 if self._api is not None:
                     self._api.stop()
                 self.bus.close()
+                self._count_events()
         if self._server is not None:
             self._server.stop()
         if self._pods is not None:

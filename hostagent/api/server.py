@@ -45,7 +45,6 @@ class AgentApi:
         self.bus = bus
         self._status = status
         self._policy = policy
-        self.streams = 0
         self.max_streams = max_streams
 
     # -- AgentService ------------------------------------------------------------------------------
@@ -66,18 +65,13 @@ class AgentApi:
         else:
             cursor = bus.sent_seq
         limit = min(request.max_batch or DEFAULT_BATCH, MAX_BATCH)
-        self.streams += 1
-        bus.subscribers += 1
-        try:
+        with bus.subscription():
             while context.is_active() and not bus.closed:
                 if cursor >= bus.sent_seq and not bus.wait(cursor, WAIT_SLICE):
                     continue
                 events, cursor = bus.read(cursor, limit, flt)
                 if events:
                     yield b"".join(events)
-        finally:
-            self.streams -= 1
-            bus.subscribers -= 1
 
     def get_status(self, _request, _context) -> api.Status:
         s = self._status()

@@ -10,6 +10,8 @@ import re
 import time
 from datetime import datetime, timezone
 
+from hostagent.events.convert import iso_time
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(?:([0-9]+(?:\.[0-9]+)?)([smhdw]))", re.ASCII)
 US = 1_000_000
@@ -64,10 +66,7 @@ def point(value: str, now: float | None = None) -> int:
 
 def iso(us: int | None, precision: str = "microseconds") -> str | None:
     """Microseconds -> ``2026-11-21T09:07:48.300975Z`` (None stays None)."""
-    if us is None:
-        return None
-    dt = datetime.fromtimestamp(us // US, tz=timezone.utc).replace(microsecond=us % US)
-    return dt.isoformat(timespec=precision).replace("+00:00", "Z")
+    return None if us is None else iso_time(us, precision)
 
 
 def now_us() -> int:

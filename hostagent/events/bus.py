@@ -21,15 +21,16 @@ same "fell behind" case.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from google.protobuf.internal.encoder import _VarintBytes
 
 from hostagent.events.convert import from_proto, to_proto
 from hostagent.events.filter import EventFilter
 from hostagent.events.spool import Spool
-from google.protobuf.internal.encoder import _VarintBytes
-
 from hostagent.v1 import events_pb2 as pb
 
 
@@ -81,7 +82,7 @@ class EventBus:
         self.lost_by_subscribers = 0              # events subscribers fell too far behind for
         self.subscribers = 0
         self.closed = False
-        self.listeners: list[Callable[[dict], None]] = []   # the event log, metrics
+        self.listeners: list[Callable[[dict], None]] = []   # the event log
         self.sent_seq = self.last_seq             # what subscribers and listeners may see
         self._unsent: list[bytes] = []            # for listeners: events since sent_seq
 
@@ -108,8 +109,7 @@ class EventBus:
         self._keep(seq, wire)
 
     def _keep(self, seq: int, wire: bytes) -> None:
-        # framed as one element of EventBatch.events, so a batch is a join of slots
-        framed = b"\x0a" + _VarintBytes(len(wire)) + wire
+        framed = _frame(wire)
         self._slots[seq % self.capacity] = (seq, framed)
         self.last_seq = seq   # after the slot: a reader never sees a seq before its event
         if self.spool is not None:
@@ -155,6 +155,17 @@ class EventBus:
 
     # -- readers (gRPC threads) -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def subscription(self) -> Iterator[None]:
+        """Counts a subscriber for as long as it reads (status: events.subscribers)."""
+        with self._cond:
+            self.subscribers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.subscribers -= 1
+
     def wait(self, after: int, timeout: float) -> bool:
         """Until an event newer than `after` exists (True), or timeout/close (False)."""
         with self._cond:
@@ -175,23 +186,21 @@ class EventBus:
         while seq <= last:
             slot = self._slots[seq % self.capacity]
             if slot is not None and slot[0] == seq and seq >= self._first_memory:
-                wire = slot[1]
-                if flt is None or flt.empty or flt.match(from_proto(_parse(wire))):
-                    out.append(wire)
+                if _wanted(flt, slot[1]):
+                    out.append(slot[1])
                 seq += 1
                 continue
             # not in memory (older, or overwritten while we read): the spool, else a gap
             spooled = self.spool.read(seq, last - seq + 1) if self.spool is not None else []
             if spooled and spooled[0][0] == seq:
-                for s, wire in spooled:
-                    if flt is None or flt.empty or flt.match(from_proto(_parse(wire))):
-                        out.append(wire)
+                for s, framed in spooled:
+                    if _wanted(flt, framed):
+                        out.append(framed)
                     seq = s + 1
                 continue
             resume = spooled[0][0] if spooled else max(self.last_seq - self.capacity + 1,
                                                         self._first_memory, seq + 1)
-            gap = self._gap(seq, resume - 1).SerializeToString()
-            out.append(b"\x0a" + _VarintBytes(len(gap)) + gap)
+            out.append(_frame(self._gap(seq, resume - 1).SerializeToString()))
             seq = resume
         return out, max(seq - 1, after)
 
@@ -206,8 +215,15 @@ class EventBus:
         return e
 
 
-def _parse(data: bytes) -> pb.Event:
-    """An Event, serialized (publish_encoded) or framed as a batch element (slots, spool)."""
-    if data[:1] == b"\x0a":   # a bare Event never starts with field 1 length-delimited
-        return pb.EventBatch.FromString(data).events[0]
-    return pb.Event.FromString(data)
+def _frame(wire: bytes) -> bytes:
+    """A serialized Event as one element of EventBatch.events: a batch is a join of these."""
+    return b"\x0a" + _VarintBytes(len(wire)) + wire
+
+
+def _parse(framed: bytes) -> pb.Event:
+    return pb.EventBatch.FromString(framed).events[0]
+
+
+def _wanted(flt: EventFilter | None, framed: bytes) -> bool:
+    """Whether a subscriber's filter passes an event (its dictionary form is made only here)."""
+    return flt is None or flt.empty or flt.match(from_proto(_parse(framed)))

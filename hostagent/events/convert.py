@@ -24,7 +24,7 @@ _WORKLOAD_STR = ("kind", "namespace", "pod", "pod_uid", "container", "container_
 _WORKLOAD_INT = ("cgroup_id", "pid", "tid", "uid", "gid", "ppid")
 # present in the dictionary form of events that carry a process (connection events)
 _PROCESS_KEYS = ("exe", "ppid", "pid", "tid", "comm", "uid", "gid")
-_LIST_FIELDS = {"policy": ("policies", "added", "removed", "changed", "files")}
+_POLICY_LISTS = ("policies", "added", "removed", "changed", "files")
 
 
 def _timestamp(msg, iso: str | None) -> None:
@@ -35,17 +35,15 @@ def _timestamp(msg, iso: str | None) -> None:
     msg.seconds, msg.nanos = seconds, dt.microsecond * 1000
 
 
-def iso_time(seconds: int, nanos: int) -> str:
-    dt = datetime.fromtimestamp(seconds, tz=timezone.utc).replace(microsecond=nanos // 1000)
-    return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")
+def iso_time(us: int, precision: str = "microseconds") -> str:
+    """Microseconds since the epoch -> ``2026-11-21T09:07:48.300975Z``, the events' time form."""
+    dt = datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(
+        microsecond=us % 1_000_000)
+    return dt.isoformat(timespec=precision).replace("+00:00", "Z")
 
 
 def _workload(msg: pb.Workload, w: dict) -> None:
-    for key in _WORKLOAD_STR:
-        value = w.get(key)
-        if value:
-            setattr(msg, key, value)
-    for key in _WORKLOAD_INT:
+    for key in _WORKLOAD_STR + _WORKLOAD_INT:
         value = w.get(key)
         if value:
             setattr(msg, key, value)
@@ -98,7 +96,7 @@ def to_proto(event: dict) -> pb.Event:
     elif kind == "policy":
         p = event.get("policy_change") or {}
         e.policy_change.ok = bool(p.get("ok"))
-        for key in _LIST_FIELDS["policy"]:
+        for key in _POLICY_LISTS:
             getattr(e.policy_change, key).extend(p.get(key) or ())
         e.policy_change.error = p.get("error") or ""
     elif kind == "workload":
@@ -140,7 +138,8 @@ def from_proto(e: pb.Event) -> dict:
     """The dictionary form: what the agent's event log holds for the same event."""
     kind = KIND_NAMES.get(e.kind, "unspecified")
     out: dict = {"seq": e.seq, "kind": kind,
-                 "time": iso_time(e.time.seconds, e.time.nanos) if e.HasField("time") else None,
+                 "time": (iso_time(e.time.seconds * 1_000_000 + e.time.nanos // 1000)
+                          if e.HasField("time") else None),
                  "node": _none(e.node), "agent_version": _none(e.agent_version),
                  "verdict": VERDICT_NAMES.get(e.verdict), "reason": _none(e.reason),
                  "policy": _none(e.policy), "rule": _none(e.rule),
@@ -167,7 +166,7 @@ def from_proto(e: pb.Event) -> dict:
     elif kind == "policy":
         p = e.policy_change
         out["policy_change"] = {"ok": p.ok, **{k: list(getattr(p, k))
-                                               for k in _LIST_FIELDS["policy"]},
+                                               for k in _POLICY_LISTS},
                                 "error": _none(p.error)}
     elif kind == "workload":
         out["change"] = e.workload_change.change

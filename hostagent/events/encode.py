@@ -20,7 +20,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 from hostagent.bpf import abi
 from hostagent.events.convert import workload_message
@@ -47,9 +46,6 @@ class BootClock:
     def split(self, boot_ns: int) -> tuple[int, int]:
         """(seconds, nanoseconds) since the epoch, as a protobuf Timestamp holds them."""
         return divmod(boot_ns + self._offset, 1_000_000_000)
-
-    def wall(self, boot_ns: int) -> datetime:
-        return datetime.fromtimestamp((boot_ns + self._offset) / 1e9, tz=timezone.utc)
 
 
 def protocol_name(proto: int) -> str:

@@ -228,6 +228,7 @@ class PolicyDirLoader:
         self.parsed: list[str] = []       # the files the last load() parsed (not reused)
         self.files: list[tuple[str, bytes]] = []   # (path, content) of the files that gave
         # the policies of the last successful load(), sorted by path: what was in force
+        self.read: dict[str, bytes] = {}   # every file the last load() read, loaded or not
 
     def load(self) -> list[Policy]:
         """The directory's policies sorted by name, or PolicyErrors (as load_policy_dir)."""
@@ -249,11 +250,12 @@ class PolicyDirLoader:
         errors: list[PolicyError] = []
         results: dict[str, _FileResult] = {}
         self.parsed = []
+        self.read = {}
         with gc_paused():
             for name in names:
                 file_path = os.path.join(directory, name)
                 try:
-                    data = _read(file_path)
+                    data = self.read[file_path] = _read(file_path)
                     result = self._results.get(file_path)
                     if result is None or result.data != data:
                         self.parsed.append(file_path)
