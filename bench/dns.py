@@ -57,7 +57,7 @@ from pathlib import Path
 
 from bench.env import (AgentFiles, BenchError, Cleanup, exit_on_sigterm, host_facts,
                        make_cgroup, run_cmd, start_agent)
-from bench.report import RESULTS_DIR, publish, rerender
+from bench.report import RESULTS_DIR, begin_run, publish
 from hostagent.cgroupfs import cgroup2_mount
 
 log = logging.getLogger("bench.dns")
@@ -511,14 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure nothing: re-render a raw results file into --docs (default "
                    "docs/benchmarks-dns.md)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if args.from_results:
-        rerender(args.from_results, evaluate, render, args.docs or DOCS, BEGIN, END)
-        return 0
-    if os.geteuid() != 0:
-        log.error("the benchmark starts the agent (BPF programs, cgroups): run it as root")
-        return 1
+    if (code := begin_run(args, evaluate, render, DOCS, BEGIN, END,
+                          root_for="starts the agent (BPF programs, cgroups)")) is not None:
+        return code
 
     settings = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("seconds", args.seconds)) if v}

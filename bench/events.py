@@ -78,7 +78,7 @@ from pathlib import Path
 from bench import stats, workload
 from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, exit_on_sigterm,
                        host_facts, make_cgroup, make_netns, rmdir_cgroup, start_agent)
-from bench.report import RESULTS_DIR, publish, rerender
+from bench.report import RESULTS_DIR, begin_run, publish
 from bench.workload import Place
 from hostagent.cgroupfs import cgroup2_mount
 
@@ -1493,14 +1493,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.raw_reader:
         return _raw_reader_main(args.raw_reader[0], int(args.raw_reader[1]))
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if args.from_results:
-        rerender(args.from_results, evaluate, render, args.docs or DOCS, BEGIN, END)
-        return 0
-    if os.geteuid() != 0:
-        log.error("the benchmark creates cgroups and loads BPF programs: run it as root")
-        return 1
+    if (code := begin_run(args, evaluate, render, DOCS, BEGIN, END,
+                          root_for="creates cgroups and loads BPF programs")) is not None:
+        return code
 
     s = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("count", args.count)) if v}

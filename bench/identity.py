@@ -61,7 +61,7 @@ from pathlib import Path
 from bench import stats
 from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, exit_on_sigterm, host_facts,
                        rmdir_cgroup, run_cmd, start_agent)
-from bench.report import RESULTS_DIR, publish, rerender
+from bench.report import RESULTS_DIR, begin_run, publish
 from hostagent.bpf.syscall import raw as _bpf
 from hostagent.bpf import abi, syscall
 from hostagent.cgroupfs import cgroup2_mount
@@ -1173,11 +1173,16 @@ def render(results: dict, raw: Path | str) -> str:
         out += ["", "One deny event, as the daemon turns it into a record (identity from a warm "
                 "cache, no /proc lookup):", "",
                 "| step | ns per event |", "|---|---:|",
-                f"| identity fields (path → identify hit → as_event) | {e['identity_ns']:,.0f} |",
-                f"| events.encode (a workload's first event), including the above | "
-                f"{e.get('encode_ns', e.get('to_dict_ns', 0)):,.0f} |",
-                f"| + its JSON form (what the event log writes) | "
-                f"{e.get('encode_json_ns', e.get('to_dict_json_ns', 0)):,.0f} |", ""]
+                f"| identity fields (path → identify hit → as_event) | {e['identity_ns']:,.0f} |"]
+        if "encode_ns" in e:
+            out += [f"| events.encode (a workload's first event), including the above | "
+                    f"{e['encode_ns']:,.0f} |",
+                    f"| + its JSON form (what the event log writes) | "
+                    f"{e['encode_json_ns']:,.0f} |", ""]
+        else:   # results from before events.encode replaced events.record.to_dict
+            out += [f"| events.record.to_dict, including the above | {e['to_dict_ns']:,.0f} |",
+                    f"| to_dict + json.dumps (what the event log writes) | "
+                    f"{e['to_dict_json_ns']:,.0f} |", ""]
     if "memory" in ev:
         mem = results["memory"]
         m = ev["memory"]
@@ -1307,14 +1312,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor_watcher:
         return _floor_watcher(args.floor_watcher[0], int(args.floor_watcher[1]))
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if args.from_results:
-        rerender(args.from_results, evaluate, render, args.docs or DOCS, BEGIN, END)
-        return 0
-    if os.geteuid() != 0:
-        log.error("the benchmark creates cgroups and loads BPF programs: run it as root")
-        return 1
+    if (code := begin_run(args, evaluate, render, DOCS, BEGIN, END,
+                          root_for="creates cgroups and loads BPF programs")) is not None:
+        return code
 
     s = QUICK if args.quick else FULL
     if args.rounds:

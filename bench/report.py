@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -353,6 +354,22 @@ _log = logging.getLogger("bench.report")
 def _shown(raw: Path) -> Path:
     raw = raw.resolve()
     return raw.relative_to(REPO) if raw.is_relative_to(REPO) else raw
+
+
+def begin_run(args, evaluate: Callable[[dict], dict], render: Callable[[dict, Path], str],
+              docs: Path, begin: str = BEGIN, end: str = END, *, root_for: str) -> int | None:
+    """What every benchmark's main() does first: log to stderr with times; --from-results
+    measures nothing and only re-renders; measuring needs root (root_for says why). Returns the
+    exit code to stop with, or None to go on measuring."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if args.from_results:
+        rerender(args.from_results, evaluate, render, args.docs or docs, begin, end)
+        return 0
+    if os.geteuid() != 0:
+        _log.error("the benchmark %s: run it as root", root_for)
+        return 1
+    return None
 
 
 def rerender(raw: Path, evaluate: Callable[[dict], dict], render: Callable[[dict, Path], str],

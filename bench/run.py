@@ -126,14 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure nothing: re-evaluate a raw results file and write its tables "
                    "(to --docs, default docs/benchmarks.md)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if args.from_results:
-        report.rerender(args.from_results, report.evaluate, report.render, args.docs or DOCS)
-        return 0
-    if os.geteuid() != 0:
-        log.error("the benchmark loads BPF programs and nft tables: run it as root")
-        return 1
+    if (code := report.begin_run(args, report.evaluate, report.render, DOCS,
+                                 root_for="loads BPF programs and nft tables")) is not None:
+        return code
 
     settings = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("rounds", args.rounds), ("count", args.count)) if v}
