@@ -134,47 +134,16 @@ if [ "$action" = uninstall ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# Host prerequisites. The same checks and header logic as scripts/setup.sh (which also sets up
-# a development virtualenv in the checkout); only what the agent needs at run time.
+# Host prerequisites: scripts/host-packages.sh, which scripts/setup.sh uses too; only what the
+# agent needs at run time. python3-bpfcc: bcc (not the unrelated PyPI "bcc"); util-linux:
+# mountpoint for ExecStartPre.
 
-kver=$(uname -r)
-have_headers() {
-  local m="/lib/modules/$kver"
-  [ -e /sys/kernel/kheaders.tar.xz ] || [ -e "$m/build/include/uapi/linux/bpf.h" ] ||
-    { [ -e "$m/build/Makefile" ] && [ -e "$m/source/include/uapi/linux/bpf.h" ]; }
-}
 if [ "$deps" = yes ]; then
-  arch=$(dpkg --print-architecture)
-  # python3-bpfcc: bcc (not the unrelated PyPI "bcc"); util-linux: mountpoint for ExecStartPre
-  want=(python3 python3-venv python3-bpfcc util-linux)
-  have_headers || want+=("linux-headers-$arch")
-  missing=()
-  for p in "${want[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
-      missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    say "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-  # Debian splits headers into an arch tree and a -common tree; bcc looks for exactly that pair
-  # as /lib/modules/<kernel>/build and .../source.
-  if ! have_headers; then
-    hdr=$(find /usr/src -maxdepth 1 -name "linux-headers-*-$arch" | sort -V | tail -n 1)
-    common=${hdr%-"$arch"}-common
-    if [ -z "$hdr" ] || [ ! -d "$common" ]; then
-      die "no kernel headers found for bcc under /usr/src (wanted linux-headers-$arch)"
-    fi
-    mkdir -p "/lib/modules/$kver"
-    ln -sfn "$hdr" "/lib/modules/$kver/build"
-    ln -sfn "$common" "/lib/modules/$kver/source"
-    say "bcc will use $hdr (+ $common) for kernel $kver"
-  fi
+  HOST_PACKAGES_WHO=install.sh "$src/scripts/host-packages.sh" install \
+    python3 python3-venv python3-bpfcc util-linux || die "host packages failed (above)"
 fi
-have_headers || [ -n "${BCC_KERNEL_SOURCE:-}" ] ||
-  say "warning: no kernel headers for $kver: the agent will not start (docs/deploy-vm.md," \
+"$src/scripts/host-packages.sh" has-headers || [ -n "${BCC_KERNEL_SOURCE:-}" ] ||
+  say "warning: no kernel headers for $(uname -r): the agent will not start (docs/deploy-vm.md," \
       "Troubleshooting)"
 [ -x "$py" ] || die "$py not found (set PYTHON)"
 "$py" -c 'import bcc' 2>/dev/null || die "$py cannot import bcc: install python3-bpfcc"

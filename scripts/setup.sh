@@ -19,42 +19,10 @@ if [ "$(id -u)" -ne 0 ]; then
   say "hostagent loads eBPF programs and must be set up and run as root"; exit 1
 fi
 
-arch=$(dpkg --print-architecture)
 # curl and systemd (systemd-analyze): the packaging tests run the docs' probe and verify the unit;
 # postgresql: the collector's PostgreSQL store is tested against a private throwaway server
-want=(python3-bpfcc bpftool iproute2 nftables gcc python3-venv curl systemd postgresql)
-kver=$(uname -r)
-have_headers() {
-  local m="/lib/modules/$kver"
-  [ -e /sys/kernel/kheaders.tar.xz ] || [ -e "$m/build/include/uapi/linux/bpf.h" ] ||
-    { [ -e "$m/build/Makefile" ] && [ -e "$m/source/include/uapi/linux/bpf.h" ]; }
-}
-have_headers || want+=("linux-headers-$arch")
-
-missing=()
-for p in "${want[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-
-# Point bcc at Debian's headers when the running kernel ships none. Debian splits them into an
-# arch tree and a -common tree; bcc looks for exactly that pair as .../build and .../source.
-if ! have_headers; then
-  hdr=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)
-  common=${hdr%-"$arch"}-common
-  if [ -z "$hdr" ] || [ ! -d "$common" ]; then
-    say "no kernel headers found for bcc under /usr/src (wanted linux-headers-$arch)"; exit 1
-  fi
-  mkdir -p "/lib/modules/$kver"
-  ln -sfn "$hdr" "/lib/modules/$kver/build"
-  ln -sfn "$common" "/lib/modules/$kver/source"
-  say "bcc will use $hdr (+ $common) for kernel $kver"
-fi
+HOST_PACKAGES_WHO=setup scripts/host-packages.sh install \
+  python3-bpfcc bpftool iproute2 nftables gcc python3-venv curl systemd postgresql
 
 # The virtualenv. Re-installed only when pyproject.toml changed.
 py=${PYTHON:-python3}

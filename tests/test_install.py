@@ -45,8 +45,8 @@ EMULATED = {"ProtectSystem", "ReadWritePaths", "ProtectHome", "ProtectKernelTuna
 
 # What install.sh reads from its checkout. The tests run it from a copy taken once, so that edits
 # to the working tree while they run cannot change what "the same source" is.
-CHECKOUT = ("packaging", "hostagent", "bpf", "proto", "policies", "docs", "README.md",
-            "pyproject.toml")
+CHECKOUT = ("packaging", "scripts", "hostagent", "bpf", "proto", "policies", "docs",
+            "README.md", "pyproject.toml")
 
 
 def frozen_checkout(dest: Path) -> Path:
