@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -205,6 +206,12 @@ class Agent:
         log.info("enforcing (generation %d) in %.2fs, %.2fs after the process started",
                  self.enforcement.state.generation, time.monotonic() - t0,
                  time.time() - psutil.Process().create_time())
+        # What start-up built (programs, policies, identities) lives as long as the agent. A
+        # full collection walks all of it while holding the GIL the resolver's thread needs
+        # (tens of ms with large policies: a stall in DNS answers), so it is moved out of the
+        # collector's sight.
+        gc.collect()
+        gc.freeze()
 
     def _start_events(self) -> None:
         """The event stream every event goes through: numbered, kept for subscribers, spooled,

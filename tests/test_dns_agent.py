@@ -248,6 +248,32 @@ def test_workloads_no_policy_governs_keep_their_own_resolver(node, zone, decoy):
     wait_for(lambda: decoy.hits >= 1, 5, "the query at the decoy")
 
 
+def test_a_source_port_another_workload_takes_over_is_attributed_to_it(node, zone, decoy):
+    """The resolver remembers who sent from each source address and port
+    (hostagent.fqdn.SenderTable) and answers repeats without parsing them
+    (hostagent.dns.hot): a byte-identical query from the same port, now another workload's
+    socket, is still judged for that workload."""
+    zone.add("api.test", "A", "127.0.0.10")
+    node.write_policy("a", fqdn_policy("agent", "/agent", "        - fqdn: api.test", 443))
+    node.write_policy("b", fqdn_policy("other", "/other", "        - fqdn: b.test", 443))
+    start(node, zone, emitAllowed=False)
+    agent, other = node.workload("agent"), node.workload("other")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    same = {"source_port": port, "id": 4242}
+    for _ in range(3):
+        assert query(agent, "api.test", **same)["rcode"] == "NOERROR"
+    assert query(other, "api.test", **same)["rcode"] == "REFUSED"
+    e = node.wait_event(kind="dns", verdict="deny", query__name="api.test")
+    assert e["workload"]["cgroup_path"] == "/other"
+    assert query(agent, "api.test", **same)["ips"] == ["127.0.0.10"]
+    # the agent's repeats were answered hot: the check above ran on the hot path's table
+    wait_for(lambda: (node.status().get("dns") or {}).get("resolver", {}).get("hot_hits", 0)
+             >= 3, 5, "hot hits in status")
+    assert zone.count("api.test") == 1 and decoy.hits == 0
+
+
 def test_a_query_the_kernel_did_not_see_leave_a_workload_is_refused(node, zone):
     zone.add("api.test", "A", "127.0.0.10")
     start(node, zone)

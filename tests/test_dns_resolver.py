@@ -403,11 +403,13 @@ def test_cached_ttls_count_down(zone, hooks, ask):
     assert zone.count("api.test") == 1
 
 
-def test_expired_answer_is_asked_again_and_opened_again(zone, hooks):
+@pytest.mark.parametrize("emit_allowed", [True, False], ids=["full-path", "hot-path"])
+def test_expired_answer_is_asked_again_and_opened_again(zone, hooks, emit_allowed):
     zone.add("api.test", "A", "192.0.2.10", ttl=1)
     hooks.allow_names("api.test")
-    with running(hooks, [zone.address], ttl_min=1) as ask:
+    with running(hooks, [zone.address], ttl_min=1, emit_allowed=emit_allowed) as ask:
         ask.udp("api.test")
+        ask.udp("api.test")  # a repeat: hot when allowed answers emit no event
         time.sleep(1.2)
         ask.udp("api.test")
     assert zone.count("api.test") == 2
@@ -714,10 +716,12 @@ def test_upstream_socket_carries_the_mark():
 # Rate limit and tunnels
 
 
-def test_rate_limit_per_workload(zone, hooks):
+@pytest.mark.parametrize("emit_allowed", [True, False], ids=["full-path", "hot-path"])
+def test_rate_limit_per_workload(zone, hooks, emit_allowed):
     zone.add("api.test", "A", "192.0.2.10")
     hooks.allow_names("api.test")
-    with running(hooks, [zone.address], rate_limit_qps=0.5, rate_limit_burst=3) as ask:
+    with running(hooks, [zone.address], rate_limit_qps=0.5, rate_limit_burst=3,
+                 emit_allowed=emit_allowed) as ask:
         rcodes = [ask.udp("api.test", cgroup=7).rcode() for _ in range(6)]
         assert rcodes == [dns.rcode.NOERROR] * 3 + [dns.rcode.REFUSED] * 3
         # Another workload has its own bucket.
@@ -894,6 +898,54 @@ def test_check_is_memoized_until_invalidate(zone, hooks, ask):
     assert addresses(ask.udp("api.test")) == ["192.0.2.10"]
     assert len(hooks.allows) == 2  # re-opened after invalidate()
     assert zone.count("api.test") == 1  # the answer itself stayed cached
+
+
+def _send_as(ask: Ask, payload: bytes, cgroup: int) -> bytes:
+    """Send exact query bytes from a port registered for ``cgroup``; the answer's bytes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        ask.hooks.ports[s.getsockname()[1]] = cgroup
+        s.settimeout(3)
+        s.sendto(payload, ask.resolver.address)
+        return s.recv(65535)
+
+
+def test_repeats_are_answered_hot_byte_for_byte_and_judged_again(zone, hooks):
+    """A repeat of a query a workload sent before (hostagent.dns.hot) gets the answer the full
+    path gives, with its own id; a policy change, another workload, and a TTL's passing
+    second are each seen by the very next repeat."""
+    zone.add("api.test", "A", "192.0.2.10", ttl=300)
+    hooks.allow_names("api.test")
+    hooks.policy[(2, "api.test")] = denied()
+    with running(hooks, [zone.address], emit_allowed=False) as ask:
+        query = dns.message.make_query("api.test", "A")
+        wire_q = query.to_wire()
+        first = _send_as(ask, wire_q, 1)  # a miss: the full path, which makes it hot
+        assert ask.resolver.stats()["hot_hits"] == 0
+        for qid in (1, 2, 0xBEEF):
+            again = _send_as(ask, struct.pack("!H", qid) + wire_q[2:], 1)
+            assert again[:2] == struct.pack("!H", qid)
+            assert again[2:] == first[2:]
+        stats = ask.resolver.stats()
+        assert stats["hot_hits"] == 3 and stats["cache_hits"] == 3
+        assert len(hooks.allows) == 1 and hooks.checks.count((1, "api.test")) == 1
+
+        # the same bytes from another workload are judged for that workload
+        other = dns.message.from_wire(_send_as(ask, wire_q, 2))
+        assert other.rcode() == dns.rcode.REFUSED
+
+        # TTLs keep counting down
+        time.sleep(1.2)
+        aged = dns.message.from_wire(_send_as(ask, wire_q, 1))
+        assert ttls(aged) in ([299], [298])
+
+        # a policy change reaches the next repeat
+        hooks.policy["api.test"] = denied()
+        ask.resolver.invalidate()
+        refused = dns.message.from_wire(_send_as(ask, wire_q, 1))
+        assert refused.rcode() == dns.rcode.REFUSED
+        assert ask.resolver.stats()["hot_hits"] == 4
+    assert zone.count("api.test") == 1
 
 
 def test_invalidate_from_another_thread_during_queries(zone, hooks, ask):

@@ -88,14 +88,18 @@ def dns_query(cmd):
     import dns.rcode
 
     q = dns.message.make_query(cmd["name"], cmd.get("type", "A"))
+    if "id" in cmd:
+        q.id = cmd["id"]
     server, port = cmd["server"], cmd.get("port", 53)
+    source_port = cmd.get("source_port", 0)
     try:
         if cmd.get("tcp"):
             r = dns.query.tcp(q, server, port=port, timeout=cmd.get("timeout", 3))
             tcp = True
         else:
             r, tcp = dns.query.udp_with_fallback(q, server, port=port,
-                                                 timeout=cmd.get("timeout", 3))
+                                                 timeout=cmd.get("timeout", 3),
+                                                 source_port=source_port)
     except dns.exception.Timeout:
         return {"ok": False, "errno": "TIMEOUT"}
     ips = [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]

@@ -162,7 +162,9 @@ static __always_inline void __dns_record_sender(struct __sk_buff *skb,
 						const struct dns_config *dc,
 						const struct emit_args *a, struct dns_client_key *src)
 {
-	struct dns_client val;
+	struct dns_client val, *old;
+	__u32 zero = 0;
+	__u64 *gen;
 
 	if (a->protocol != IPPROTO_UDP && a->protocol != IPPROTO_TCP)
 		return;
@@ -170,8 +172,16 @@ static __always_inline void __dns_record_sender(struct __sk_buff *skb,
 		return;
 	val.cgroup_id = a->cgroup_id;
 	val.sock_cookie = bpf_get_socket_cookie(skb);
+	old = dns_clients.lookup(src);
+	if (old && old->cgroup_id == val.cgroup_id && old->sock_cookie == val.sock_cookie)
+		return; /* the same socket again: what the resolver remembers of it still holds */
 	if (dns_clients.update(src, &val))
 		COUNT_ERROR(ERROR_DNS_CLIENT);
+	/* after the update, before the packet reaches the resolver: a resolver that sees the
+	 * generation unchanged since it read a record knows that record is still the kernel's */
+	gen = dns_senders_gen.lookup(&zero);
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
 }
 
 #endif /* HOSTAGENT_DNS_H */

@@ -58,6 +58,8 @@ class DnsCollector:
             return family
 
         yield counter("hostagent_dns_cache_hits", "Queries answered from the cache", "cache_hits")
+        yield counter("hostagent_dns_hot_hits", "Cache hits answered as an exact repeat of a "
+                      "query the workload sent before, without parsing it", "hot_hits")
         yield counter("hostagent_dns_cache_misses", "Queries that needed an upstream",
                       "cache_misses")
         yield counter("hostagent_dns_tunnel_refused",

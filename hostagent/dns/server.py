@@ -53,6 +53,8 @@ from hostagent.dns import wire
 from hostagent.dns.cache import AnswerCache, BadAnswer, CacheEntry, build_entry
 from hostagent.dns.guard import (EventLimiter, RateLimitedLog, RateLimiter, RebindFilter,
                                  TunnelGuard)
+from hostagent.dns.hot import REFRESH as HOT_REFRESH
+from hostagent.dns.hot import HotAnswer, HotAnswers
 from hostagent.dns.hooks import (ALLOW, AUDIT, DENY, VERDICTS, Client, NameVerdict,
                                  ResolverHooks)
 from hostagent.dns.upstream import UpstreamFailure, UpstreamPool, system_upstreams
@@ -157,6 +159,7 @@ class Resolver:
         self._emit_allowed = cfg.emit_allowed
 
         self._cache = AnswerCache(cfg.cache_size)
+        self._hot = HotAnswers()
         self._buckets = RateLimiter(cfg.rate_limit_qps, cfg.rate_limit_burst)
         self._tunnel = TunnelGuard(cfg.tunnel_max_label_length, cfg.tunnel_entropy_min_length,
                                    cfg.tunnel_entropy_bits, cfg.tunnel_max_unique_subdomains,
@@ -191,7 +194,7 @@ class Resolver:
         # Counters: plain ints and dicts written by the loop thread only, read by stats().
         self._outcomes: dict[tuple[str, str, str], list[int]] = {}  # cells: see _outcome()
         self._n = dict.fromkeys((
-            "queries", "cache_hits", "cache_misses", "coalesced", "tunnel_refused",
+            "queries", "cache_hits", "hot_hits", "cache_misses", "coalesced", "tunnel_refused",
             "rate_limited", "unattributed", "malformed", "dropped", "internal_errors",
             "allowance_failures", "upstream_failures", "overloaded", "truncated", "denied",
             "cname_refused", "rebinding_drops", "tcp_rejected", "tcp_timeouts", "emitted",
@@ -278,7 +281,8 @@ class Resolver:
     def stats(self) -> dict:
         """Counters for status and metrics. Safe to call from any thread.
 
-        Plain ints, unless noted: queries (parsed), cache_hits, cache_misses, coalesced,
+        Plain ints, unless noted: queries (parsed), cache_hits (hot_hits of them answered
+        without a parse, hostagent.dns.hot), cache_misses, coalesced,
         denied, cname_refused, tunnel_refused, rate_limited, unattributed, malformed, dropped,
         truncated, internal_errors, allowance_failures, upstream_failures, overloaded,
         rebinding_drops, tcp_rejected, tcp_timeouts, emitted, emit_errors, events_suppressed,
@@ -485,7 +489,52 @@ class Resolver:
             self._n["truncated"] += 1
             return wire.truncated_response(q, entry.rcode)
         if self._emit_allowed or decision.always_emit:
-            self._emit({
+            self._emit_answer(q, client, verdict, qname, entry, decision, age, addr, proto)
+        elif proto == PROTO_UDP:
+            self._hot.put((client.cgroup_id, data[2:]), HotAnswer(
+                entry, decision, (q.key_name, q.qtype, q.qclass, edns), qname,
+                out[2:12] + data[12:q.qend], template, wire.OPT_RR if edns else b"", now))
+        return out
+
+    def _hot_answer(self, data: bytes, addr: tuple) -> bytes | None:
+        """The answer to a UDP query this workload sent before byte for byte (hostagent.dns.hot),
+        or None: the full path (_query) decides."""
+        try:
+            now = time.monotonic()
+            client = self._hooks.attribute(addr[0], addr[1], PROTO_UDP)
+            if client is None:
+                return None
+            cgroup = client.cgroup_id
+            key = (cgroup, data[2:])
+            hot = self._hot.get(key)
+            if hot is None:
+                return None
+            entry = hot.entry
+            if (hot.decision.generation != self._generation or now >= entry.expires
+                    or entry.workloads.get(cgroup) is not hot.decision):
+                self._hot.discard(key)
+                return None
+            if not self._buckets.take(cgroup, now):
+                return None  # the full path refuses it, and reports
+            if now - hot.refreshed >= HOT_REFRESH:
+                if (self._cache.get(hot.cache_key, now) is not entry
+                        or not self._tunnel.admit(cgroup, hot.qname, now)):
+                    self._hot.discard(key)
+                    return None
+                hot.refreshed = now
+            n = self._n
+            n["queries"] += 1
+            n["cache_hits"] += 1
+            n["hot_hits"] += 1
+            hot.decision.outcome[0] += 1
+            return data[:2] + hot.body(now)
+        except Exception:  # noqa: BLE001 - the full path answers it, and reports what failed
+            return None
+
+    def _emit_answer(self, q: wire.Query, client: Client, verdict: NameVerdict, qname: str,
+                     entry: CacheEntry, decision: _Decision, age: int, addr: tuple,
+                     proto: int) -> None:
+        self._emit({
                 "kind": "dns", "time": self._iso_now(), "verdict": decision.verdict,
                 "reason": decision.reason, "policy": verdict.policy, "rule": verdict.rule,
                 "ticket": verdict.ticket,
@@ -496,7 +545,6 @@ class Resolver:
                 "workload": {"cgroup_id": client.cgroup_id}, "socket": {"cookie": client.cookie},
                 "client": {"ip": addr[0], "port": addr[1],
                            "protocol": "udp" if proto == PROTO_UDP else "tcp"}})
-        return out
 
     def _decide(self, client: Client, verdict: NameVerdict, qname: str, entry: CacheEntry,
                 now: float, generation: int) -> _Decision:
@@ -815,7 +863,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        out = self._resolver._query(data, addr, PROTO_UDP, self)
+        out = self._resolver._hot_answer(data, addr)
+        if out is None:
+            out = self._resolver._query(data, addr, PROTO_UDP, self)
         if out is not None:
             self._transport.sendto(out, addr)
 
