@@ -323,7 +323,8 @@ def wait_answering(server: Server | None, addr: str, port: int, what: str,
 
 # -- the agent -----------------------------------------------------------------------------------
 
-def write_agent_files(files: AgentFiles, event_log: Path, zone_port: int) -> None:
+def write_agent_files(files: AgentFiles, event_log: Path, zone_port: int,
+                      emit_allowed: bool = False) -> None:
     files.policy_dir.mkdir(parents=True, exist_ok=True)
     cfg = {
         "cgroupRoot": files.cgroup_root,
@@ -335,10 +336,11 @@ def write_agent_files(files: AgentFiles, event_log: Path, zone_port: int) -> Non
         "defaultAction": "allow",
         "kubernetes": {"enabled": False},
         # Port 0: the agent binds a free one and tells its kernel programs which; the bench
-        # reads it from the log. No allow events (the default writes one per answered query).
+        # reads it from the log. No allow events unless --emit-allowed (the agent's default
+        # writes one per answered query).
         "dns": {"listen": f"{ADDRESSES['hostagent']}:0",
                 "upstreams": [f"{ZONE_HOST}:{zone_port}"],
-                "emitAllowed": False,
+                "emitAllowed": emit_allowed,
                 "rateLimit": {"qps": 1000000, "burst": 1000000},
                 "rebindProtect": ["10.0.0.0/8"]},
     }
@@ -375,7 +377,7 @@ def agent_status(files: AgentFiles, newer_than: float | None = None) -> dict:
 
 def resolver_counters(status: dict) -> dict:
     r = status.get("dns", {}).get("resolver", {})
-    keys = ("queries", "cache_hits", "cache_misses", "unattributed", "rate_limited", "denied",
+    keys = ("queries", "cache_hits", "hot_hits", "cache_misses", "unattributed", "rate_limited", "denied",
             "tunnel_refused", "internal_errors", "allowance_failures", "upstream_failures",
             "overloaded", "dropped")
     out = {k: r.get(k, 0) for k in keys}
@@ -507,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
                    "run, none for --quick)")
     p.add_argument("--no-docs", action="store_true", help="do not write any markdown")
     p.add_argument("--seed", type=int, default=1, help="seed of the order within rounds")
+    p.add_argument("--emit-allowed", action="store_true",
+                   help="run the agent with dns.emitAllowed: true (an event per answered "
+                   "query, the packaged default) instead of false")
     p.add_argument("--from-results", type=Path, metavar="JSON",
                    help="measure nothing: re-render a raw results file into --docs (default "
                    "docs/benchmarks-dns.md)")
@@ -536,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {"qps_ratio": TARGET_QPS_RATIO, "p99_added_ms": TARGET_P99_ADDED_MS},
             "host": host_facts(**tool_versions()),
             "pytest_running_at_start": len(others),
+            "emit_allowed": args.emit_allowed,
             "names": NAMES, "subzones": SUBZONES, "outstanding": OUTSTANDING,
         }
         measure(settings, args.seed, results)
@@ -596,7 +602,8 @@ def measure(s: Settings, seed: int, results: dict) -> None:
         files = AgentFiles(config=tmp / "hostagent.yaml", policy_dir=tmp / "policies",
                            state_dir=tmp / "state", bpffs_dir=bpffs, cgroup_root=root,
                            log=tmp / "agent.log")
-        write_agent_files(files, tmp / "events.jsonl", zone_port)
+        write_agent_files(files, tmp / "events.jsonl", zone_port,
+                          results.get("emit_allowed", False))
         agent = start_agent(stack, files)
         log.info("agent pid %d starting", agent.pid)
         agent.wait_for(r"enforcing \(generation \d+\)", 0, AGENT_START_TIMEOUT)
@@ -828,6 +835,8 @@ def render(results: dict, raw_path) -> str:
         f"- dnsmasq {h['dnsmasq']} (Debian {h['dnsmasq_deb']}), unbound {h['unbound']} "
         f"(Debian {h['unbound_deb']}), dnsperf {h['dnsperf']} (Debian {h['dnsperf_deb']}), "
         f"hostagent {h['hostagent']}, Python {h['python']}",
+        f"- hostagent with `dns.emitAllowed: "
+        f"{'true` (an event per answered query)' if results.get('emit_allowed') else 'false`'}",
         f"- {NAMES} names (type A) under {SUBZONES} zones of `{ZONE}`, all cached before the "
         f"timed runs; upstream queries during the timed runs: "
         f"{results['upstream_queries_timed']:,}",
@@ -916,7 +925,9 @@ def render(results: dict, raw_path) -> str:
     c = results["agent_counters"]
     lines += ["", "### Cross-checks", "",
               f"- hostagent's resolver over the timed runs (its status counters): "
-              f"{c['queries']:,} queries, {c['cache_hits']:,} cache hits, "
+              f"{c['queries']:,} queries, {c['cache_hits']:,} cache hits"
+              + (f" ({c['hot_hits']:,} of them repeats answered hot)" if "hot_hits" in c
+                 else "") + ", "
               f"{c['cache_misses']:,} misses; unattributed {c['unattributed']:,}, rate-limited "
               f"{c['rate_limited']:,}, denied {c['denied']:,}, tunnel-refused "
               f"{c['tunnel_refused']:,}, internal errors {c['internal_errors']:,}, allowance "
