@@ -196,6 +196,10 @@ class Agent:
         self._ready = error is None or self.enforcement.adopted
         self.metrics.ready.set(1 if self._ready else 0)
         self.phase = Phase.RUNNING
+        # The workloads already there: "seen" comes only for cgroups created from now on, so
+        # without these a consumer would not know of a workload until it does something.
+        for path, cgid in sorted(self._cgroups.items()):
+            self._publish_workload("present", path, cgid)
         self._publish({"kind": "agent", "time": _now(), "generation":
                        self.enforcement.state.generation,
                        "agent": {"phase": "started", "adopted": self.enforcement.adopted,

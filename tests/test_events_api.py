@@ -242,6 +242,21 @@ def test_policy_and_workload_changes_are_events(node, governed):
     assert from_proto(gone)["workload"]["cgroup_path"] == "/late"
 
 
+def test_workloads_already_there_at_start_are_events(node, governed):
+    os.makedirs(node.cgroup("early/child"), exist_ok=True)
+    node.start_agent()
+    client = AgentClient(node.grpc_address())
+    cgroups = sum(1 for _ in os.walk(node.cgroup("")))  # the root included
+    got = collect(client, cgroups + 1, from_oldest=True, kinds=["workload", "agent"])
+    present = [e for e in got if e.kind == pb.KIND_WORKLOAD]
+    assert {e.workload_change.change for e in present} == {"present"}
+    paths = [e.workload.cgroup_path for e in present]
+    assert "/early" in paths and "/early/child" in paths
+    started = next(e for e in got if e.kind == pb.KIND_AGENT)
+    assert started.agent.phase == "started"
+    assert all(e.seq < started.seq for e in present)
+
+
 def test_generated_code_matches_proto(tmp_path):
     protos = sorted(str(p.relative_to(REPO / "proto")) for p in (REPO / "proto").rglob("*.proto"))
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'proto'}",
