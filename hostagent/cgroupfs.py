@@ -111,14 +111,41 @@ def parent_path(path: str) -> str | None:
     return path.rsplit("/", 1)[0] or "/"
 
 
-def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup") -> int:
-    """The cgroup v2 id of this process (the "0::" line of /proc/self/cgroup), 0 if unknown."""
+def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup",
+                  pid: int | None = None) -> int:
+    """The cgroup v2 id of this process, 0 if unknown.
+
+    /proc/self/cgroup names the cgroup relative to the process's cgroup namespace, and the
+    mount we read may show more than that namespace (a container in a private cgroup namespace
+    with the node's hierarchy mounted in, as the DaemonSet does: it reads "0::/"). So the path
+    is taken as is only when that cgroup holds this process; otherwise the cgroup that does is
+    looked for below the mount, among those whose path ends with the one given.
+    """
+    pid = os.getpid() if pid is None else pid
     try:
         with open(proc_cgroup, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    rel = line[3:].rstrip("\n")
-                    return os.stat(os.path.join(root.mount, rel.lstrip("/"))).st_ino
+            rel = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
     except OSError:
-        pass
+        return 0
+    if rel is None:
+        return 0
+    path = os.path.join(root.mount, rel.lstrip("/"))
+    if _holds(path, pid):
+        return os.stat(path).st_ino
+    suffix = rel.rstrip("/")
+    for dirpath, _dirs, _files in os.walk(root.mount):
+        if dirpath.endswith(suffix) and _holds(dirpath, pid):
+            try:
+                return os.stat(dirpath).st_ino
+            except OSError:
+                return 0
     return 0
+
+
+def _holds(path: str, pid: int) -> bool:
+    """Is ``pid`` (a thread group id) a member of the cgroup at ``path``?"""
+    try:
+        with open(os.path.join(path, "cgroup.procs"), encoding="ascii") as f:
+            return str(pid) in f.read().split()
+    except OSError:
+        return False

@@ -15,6 +15,8 @@ import logging
 import os
 import random
 import select
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from hostagent.cgroupfs import CgroupRoot, cgroup2_mount
 from hostagent.cgroupwatch import CREATED, REMOVED, CgroupEvent, CgroupWatcher
 from hostagent.errors import SetupError
 from tests.conftest import privileged_unavailable
+from tests.harness import REPO
 
 _seq = itertools.count()
 _LIMIT_WARNING = "cannot watch more cgroups"
@@ -620,3 +623,21 @@ def test_directory_vanishing_while_listed_is_skipped(fsroot, monkeypatch):
         assert set(w.start()) == {"/", "/a"}
         monkeypatch.setattr(os, "scandir", real)
         assert [(e.kind, e.path) for e in w.rescan()] == [(CREATED, "/a/b")]
+
+
+@pytest.mark.parametrize("namespace", [False, True], ids=["host", "private-cgroupns"])
+def test_own_cgroup_id_in_a_private_cgroup_namespace(cgroot, namespace):
+    """A pod in its own cgroup namespace with the node's hierarchy mounted in (the DaemonSet)
+    reads "0::/" in /proc/self/cgroup; its id is still its real cgroup's, not the root's."""
+    inner = os.path.join(cgroot.path, "agent", "pod")
+    os.makedirs(inner)
+    unshare = ["unshare", "--cgroup"] if namespace else []
+    script = ("import sys; from hostagent.cgroupfs import CgroupRoot, own_cgroup_id; "
+              "print(open('/proc/self/cgroup').read().strip().splitlines()[-1]); "
+              "print(own_cgroup_id(CgroupRoot(sys.argv[1], sys.argv[1])))")
+    out = subprocess.run(
+        ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh", inner,
+         *unshare, sys.executable, "-c", script, cgroot.mount],
+        capture_output=True, text=True, timeout=30, check=True, cwd=REPO).stdout.split("\n")
+    assert out[0] == "0::/" + ("" if namespace else os.path.relpath(inner, cgroot.mount))
+    assert int(out[1]) == os.stat(inner).st_ino
