@@ -4,6 +4,7 @@ the kernel: these are the pure parts of what tests/test_events_api.py checks end
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -148,6 +149,43 @@ def test_the_spool_drops_whole_old_segments_at_its_cap(tmp_path):
     wires, _ = published(bus).read(0, 10)
     first = decode(wires)[0]
     assert first.kind == pb.KIND_LOST and first.lost.last_seq == oldest - 1
+
+
+def test_spool_reads_from_any_seq_match_what_was_written(tmp_path):
+    """Reads start from the sparse index (hostagent.events.spool); from every kind of start —
+    a sampled record, between samples, a segment's first, before the oldest, past the end —
+    they return exactly the records written, also from segments an earlier spool wrote and
+    from a segment still being written."""
+    rng = random.Random(7)
+    written: dict[int, bytes] = {}
+
+    def fill(spool, seqs):
+        for seq in seqs:
+            written[seq] = bytes([seq % 251]) * rng.choice((1, 40, 300, 1200))
+            spool.append(seq, written[seq])
+            if seq % 97 == 0:
+                spool.flush()
+        spool.flush()
+
+    def check(spool):
+        seqs = sorted(s for s in written if s >= spool.first_seq)
+        starts = {0, 1, seqs[0], seqs[-1], seqs[-1] + 1, *rng.sample(seqs, 60),
+                  *(s + 1 for s in spool._segments)}
+        for start in sorted(starts):
+            for limit in (1, 7, 512):
+                want = [(s, written[s]) for s in seqs if s >= start][:limit]
+                assert spool.read(start, limit) == want, (start, limit)
+
+    spool = Spool(str(tmp_path), 2 << 20)
+    fill(spool, range(1, 3001))
+    assert len(spool._segments) > 3
+    assert all(len(spool._index[first]) > 3 for first in spool._segments[:-1])
+    check(spool)
+    spool.close()
+    again = Spool(str(tmp_path), 2 << 20)   # indexes of the old segments: one scan each
+    check(again)
+    fill(again, range(3001, 3400))
+    check(again)
 
 
 def test_without_a_spool_numbers_never_repeat_after_a_kill(tmp_path):

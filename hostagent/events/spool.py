@@ -12,6 +12,7 @@ the spool is opened again.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import struct
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 _HEAD = struct.Struct("<QI")
 SEGMENTS_PER_CAP = 8   # a segment is a cap / 8: deleting one frees an eighth of the spool
 MAX_RECORD = 1 << 20   # larger lengths in a record header mean a corrupt segment
+# A reader finds where a seq lies in a segment from a sparse index: (seq, offset) of every
+# INDEX_EVERY-th record, kept in memory (built as records are appended, or by one scan of a
+# segment an earlier agent wrote), then reads from there in chunks of READ_CHUNK bytes.
+# Without it, each batch re-read its whole segment from the start: 54k events/s of catch-up.
+INDEX_EVERY = 128
+READ_CHUNK = 256 * 1024
 
 
 class Spool:
@@ -34,6 +41,12 @@ class Spool:
         self._segments: list[int] = sorted(
             int(n[:-4]) for n in os.listdir(directory) if n.endswith(".evt") and n[:-4].isdigit())
         self._buf: list[bytes] = []   # records since the last flush, joined once per flush
+        # first seq of a segment -> [(seq, offset)] of every INDEX_EVERY-th record; a segment
+        # missing here is scanned once when first read. Lists only grow (appends are atomic
+        # for the gRPC threads that bisect them).
+        self._index: dict[int, list[tuple[int, int]]] = {}
+        self._current_index: list[tuple[int, int]] = []
+        self._count = 0   # records in the current segment
         self._pending = 0
         self._fd: int | None = None
         self._size = 0
@@ -79,6 +92,9 @@ class Spool:
         if self._fd is None or self._size + self._pending >= self._segment_bytes:
             self.flush()
             self._roll(seq)   # a segment's name is the seq of its first record
+        if self._count % INDEX_EVERY == 0:
+            self._current_index.append((seq, self._size + self._pending))
+        self._count += 1
         self._buf.append(_HEAD.pack(seq, len(wire)))
         self._buf.append(wire)
         self._pending += _HEAD.size + len(wire)
@@ -89,12 +105,19 @@ class Spool:
             os.close(self._fd)
         self._fd = os.open(self._path(first), os.O_WRONLY | os.O_APPEND | os.O_CREAT
                            | os.O_CLOEXEC, 0o600)
-        self._size = 0
+        self._size = self._file_size(first)   # a recovered segment is appended to
         with self._lock:
             if not self._segments or self._segments[-1] != first:
                 self._segments.append(first)
+            index = self._index.get(first) if self._size else None
+            if index is None:
+                index = self._scan(first) if self._size else []
+                self._index[first] = index
+            self._current_index = index
+            self._count = INDEX_EVERY if self._size else 0   # next record: a new sample
             while self._total > self.max_bytes and len(self._segments) > 1:
                 oldest = self._segments.pop(0)
+                self._index.pop(oldest, None)
                 self._total -= self._file_size(oldest)
                 try:
                     os.unlink(self._path(oldest))
@@ -118,6 +141,34 @@ class Spool:
         with self._lock:
             return self._segments[0] if self._segments else self.last_seq + 1
 
+    def _scan(self, first: int) -> list[tuple[int, int]]:
+        """The sparse index of a segment on disk, by reading it once."""
+        index: list[tuple[int, int]] = []
+        try:
+            with open(self._path(first), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return index
+        pos = count = 0
+        while pos + _HEAD.size <= len(data):
+            seq, n = _HEAD.unpack_from(data, pos)
+            if n > MAX_RECORD or pos + _HEAD.size + n > len(data):
+                break
+            if count % INDEX_EVERY == 0:
+                index.append((seq, pos))
+            count += 1
+            pos += _HEAD.size + n
+        return index
+
+    def _offset(self, first: int, start: int) -> int:
+        """Where to start reading a segment for seq ``start``: the last sample at or before."""
+        with self._lock:
+            index = self._index.get(first)
+            if index is None:
+                index = self._index[first] = self._scan(first)
+        i = bisect.bisect_right(index, (start, 1 << 62)) - 1
+        return index[i][1] if i >= 0 else 0
+
     def read(self, start: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to limit records with seq >= start, from the files (what flush() wrote)."""
         with self._lock:
@@ -126,21 +177,38 @@ class Spool:
         firsts = [s for s in segments if s <= start] or segments[:1]
         for first in segments[segments.index(firsts[-1]):]:
             try:
-                with open(self._path(first), "rb") as f:
-                    data = f.read()
+                f = open(self._path(first), "rb")
             except FileNotFoundError:   # deleted under us: the next one is newer
                 continue
-            pos = 0
-            while pos + _HEAD.size <= len(data) and len(out) < limit:
-                seq, n = _HEAD.unpack_from(data, pos)
-                if pos + _HEAD.size + n > len(data):
-                    break
-                if seq >= start:
-                    out.append((seq, bytes(data[pos + _HEAD.size:pos + _HEAD.size + n])))
-                pos += _HEAD.size + n
+            with f:
+                offset = self._offset(first, start) if first <= start else 0
+                self._read_from(f, offset, start, limit, out)
             if len(out) >= limit:
                 break
         return out
+
+    @staticmethod
+    def _read_from(f, offset: int, start: int, limit: int, out: list) -> None:
+        """Append records with seq >= start from ``offset`` on, in chunks, until limit or the
+        end of what was written."""
+        f.seek(offset)
+        data = b""
+        pos = 0
+        while len(out) < limit:
+            if pos + _HEAD.size > len(data) or \
+                    pos + _HEAD.size + _HEAD.unpack_from(data, pos)[1] > len(data):
+                more = f.read(READ_CHUNK)
+                if not more:
+                    return
+                data = data[pos:] + more
+                pos = 0
+                continue
+            seq, n = _HEAD.unpack_from(data, pos)
+            if n > MAX_RECORD:
+                return
+            if seq >= start:
+                out.append((seq, data[pos + _HEAD.size:pos + _HEAD.size + n]))
+            pos += _HEAD.size + n
 
     def close(self) -> None:
         self.flush()
