@@ -71,6 +71,22 @@ def evaluate(results: dict) -> dict:
     out["self_time"] = _self_time(results.get("self_time", []))
     out["reloads"] = _reloads(results.get("reloads", []))
     out["targets"] = _targets(results, out)
+    out["above_floor"] = _above_floor(results)
+    return out
+
+
+def _above_floor(results: dict) -> dict:
+    """What each agent variant adds over the floor variant (do-nothing programs at the same
+    attach points), per metric: the part of the agent's cost that is its programs' own work."""
+    names = [v["name"] for v in results["variants"]]
+    if "floor" not in names:
+        return {}
+    out = {}
+    for metric in METRICS:
+        rounds = _rounds(results, metric)
+        out[metric] = {v["name"]: {est: vars(stats.bootstrap(rounds, fn(v["name"], "floor")))
+                                   for est, fn in ESTIMATORS.items()}
+                       for v in results["variants"] if v["kind"] == "agent"}
     return out
 
 
@@ -245,21 +261,41 @@ def render(results: dict, raw_path: Path) -> str:
             lines.append(f"| {c['rules']:,} | {a:+,.0f} | {f:+,.0f} | {_ci(c['paired'], _ratio)} "
                          f"| {_ci(c['unpaired'], _ratio)} |")
 
+    above = ev.get("above_floor")
+    if above:
+        lines += ["", "### The agent above the dispatch floor (ns)", "",
+                  "What each agent variant adds over the `floor` variant: do-nothing programs at "
+                  "the same attach points, so the kernel's dispatch is paid by both and the "
+                  "difference is the agent programs' own work.", "",
+                  "| variant | " + " | ".join(f"{t}: paired (95% CI) | {t}: median − median "
+                                               f"(95% CI)" for t in METRICS.values()) + " |",
+                  "|---|" + "---:|---:|" * len(METRICS)]
+        for name, _ in next(iter(above.values())).items():
+            cells = []
+            for metric in METRICS:
+                e = above[metric][name]
+                cells += [_ci(e["paired"], _signed), _ci(e["unpaired"], _signed)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
     st = ev["self_time"]
     if st:
         # programs this workload never triggers (IPv6, UDP sendmsg) would be columns of zeros
         progs = [p for p in next(iter(st.values()))["programs"]
-                 if any(e["programs"][p]["runs_per_cycle"] > 0 for e in st.values())]
+                 if any(e["programs"].get(p, {}).get("runs_per_cycle", 0) > 0
+                        for e in st.values())]
         n = next(iter(st.values()))["n"]
         lines += ["", "### Kernel self-time of the agent's programs (kernel.bpf_stats_enabled)",
                   "", f"Median of {n} samples per variant, taken after the timed rounds. Each "
-                  "program cell: runs per connect cycle × ns per run.", "",
+                  "program cell: runs per connect cycle × ns per run."
+                  + (" The floor row: the do-nothing programs, under the agent program whose "
+                     "attach point they share." if "floor" in st else ""), "",
                   "| variant | total ns per cycle | " + " | ".join(progs) + " |",
                   "|---|---:|" + "---:|" * len(progs)]
         for name in (v["name"] for v in results["variants"] if v["name"] in st):
             e = st[name]
             cells = [f"{e['programs'][p]['runs_per_cycle']:.2f} × "
-                     f"{e['programs'][p]['ns_per_run']:.0f}" for p in progs]
+                     f"{e['programs'][p]['ns_per_run']:.0f}" if p in e["programs"] else "—"
+                     for p in progs]
             lines.append(f"| {name} | {e['self_ns_per_cycle']:.0f} | " + " | ".join(cells) + " |")
 
     lines += _control_plane(results, ev)
@@ -325,6 +361,60 @@ def render_control_plane(results: dict, raw_path: Path) -> str:
         "the end (a shared VM: other work ran alongside)",
     ]
     lines += _control_plane(results, results["evaluation"])
+    return "\n".join(lines + [""])
+
+
+def evaluate_floor(results: dict) -> dict:
+    """evaluate() of a --floor run: every variant against the baseline, and self-time."""
+    out: dict = {"metrics": {}}
+    for metric in METRICS:
+        rounds = _rounds(results, metric)
+        per = {}
+        for v in results["variants"]:
+            entry = {"summary": vars(stats.summarize([r[v["name"]] for r in rounds]))}
+            if v["kind"] != "baseline":
+                for est, fn in ESTIMATORS.items():
+                    entry[est] = vars(stats.bootstrap(rounds, fn(v["name"], "baseline")))
+            per[v["name"]] = entry
+        out["metrics"][metric] = {"rounds": len(rounds), "variants": per}
+    out["self_time"] = _self_time(results.get("self_time", []))
+    return out
+
+
+def render_floor(results: dict, raw_path: Path) -> str:
+    """The tables of a --floor run."""
+    h = results["host"]
+    ev = results["evaluation"]
+    lines = [
+        f"## Dispatch floor: {h['date_utc']}", "",
+        f"- Command: `{results['command']}` ({results['duration_s']:.0f} s); raw results in "
+        f"`{raw_path}`",
+        f"- Kernel {h['kernel']}, {h['cpus']} × {h['cpu']}; load average "
+        f"{h['loadavg_start'][0]:.2f} at the start, {results.get('loadavg_end', [0])[0]:.2f} at "
+        "the end",
+        f"- {ev['metrics']['ns_per_cycle']['rounds']} interleaved rounds; no agent, no nft",
+    ]
+    for metric, title in METRICS.items():
+        m = ev["metrics"][metric]
+        lines += ["", f"### {title} (ns)", "",
+                  "| variant | what | median | added, paired (95% CI) | added, median − median "
+                  "(95% CI) |", "|---|---|---:|---:|---:|"]
+        for v in results["variants"]:
+            e = m["variants"][v["name"]]
+            paired = _ci(e["paired"], _signed) if "paired" in e else "—"
+            unpaired = _ci(e["unpaired"], _signed) if "unpaired" in e else "—"
+            lines.append(f"| {v['name']} | {v['what']} | {_ns(e['summary']['median'])} | "
+                         f"{paired} | {unpaired} |")
+    st = ev["self_time"]
+    if st:
+        lines += ["", "### Self-time of the do-nothing programs (kernel.bpf_stats_enabled)", "",
+                  "| variant | program stood in for | runs per cycle × ns per run |",
+                  "|---|---|---:|"]
+        for name, e in st.items():
+            for prog, p in e["programs"].items():
+                if p["runs_per_cycle"] > 0:
+                    lines.append(f"| {name} | {prog} | {p['runs_per_cycle']:.2f} × "
+                                 f"{p['ns_per_run']:.0f} |")
     return "\n".join(lines + [""])
 
 

@@ -12,6 +12,11 @@ socket() + connect() + accept() + close() cycles to its own 127.0.0.1 listener:
     control      the same again in another cgroup and namespace (A/A: shows the noise floor)
     agent-N      cgroup below the agent's cgroupRoot, bound to a policy of N CIDRs
     nft-N        cgroup judged by an nft output chain, `socket cgroupv2` + a set of N CIDRs
+    floor        do-nothing programs (bench/floor.c) at the attach points the workload passes,
+                 on a cgroup outside the agent's root: the kernel's dispatch cost alone
+
+    python -m bench.run --floor    # only the floor, split by attach point (no agent, no nft;
+                                   # ~2-4 min), prints its table
 
 The three agent policies live side by side in one agent (one LPM trie, as in production), and
 each nft table lives in its own namespace (an nft hook sees every packet of its namespace, so a
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -47,6 +53,7 @@ from bench.env import (AgentFiles, BenchError, Cleanup, attached_programs, bpf_s
                        cgroup_level, load_nft_table, make_cgroup, make_netns, nft_cgroup_path,
                        prog_stats, run_cmd, start_agent, write_agent_config)
 from bench.workload import Place, Watch
+from hostagent.bpf import loader, syscall
 from hostagent.cgroupfs import cgroup2_mount
 
 log = logging.getLogger("bench")
@@ -122,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the agent's start, the policy reloads and the parse cost, with the "
                    "full run's rule counts (with --quick, the quick run's): no connect rounds, "
                    "no nft; prints its table, docs untouched")
+    p.add_argument("--floor", action="store_true",
+                   help="only the dispatch floor: do-nothing programs at each of the attach "
+                   "points the workload passes, one at a time and all together, interleaved with "
+                   "the baseline; no agent, no nft; prints its table, docs untouched")
     p.add_argument("--from-results", type=Path, metavar="JSON",
                    help="measure nothing: re-evaluate a raw results file and write its tables "
                    "(to --docs, default docs/benchmarks.md)")
@@ -147,11 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         "host": host_facts(nft=run_cmd(["nft", "--version"]).stdout.strip()),
     }
     try:
-        measure(settings, args.cpu, args.seed, results, args.control_plane)
+        if args.floor:
+            measure_floor(settings, args.cpu, args.seed, results)
+        else:
+            measure(settings, args.cpu, args.seed, results, args.control_plane)
     except BenchError as err:
         log.error("%s", err)
         return 1
     results["duration_s"] = time.monotonic() - started
+    if args.floor:
+        results["evaluation"] = report.evaluate_floor(results)
+        report.publish(results, "floor-", args.quick, report.render_floor, None)
+        return 0
     if args.control_plane:
         results["evaluation"] = report.evaluate_control_plane(results)
         report.publish(results, "control-", args.quick, report.render_control_plane, None)
@@ -188,6 +206,17 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict,
                                     "allowed", "the baseline again, in its own cgroup and "
                                     "namespace: an A/A check, its \"added\" cost is the noise "
                                     "floor"))
+        floor = None
+        if not control_plane:
+            floor = FloorPrograms()
+            stack.callback(floor.close)
+            cg = make_cgroup(stack, os.path.join(plain, "floor"))
+            floor.attach(stack, cg, FLOOR_HOOKS)
+            _ancestors_bare(cg, mount)
+            variants.append(Variant("floor", "floor", 0, Place(cg, plain_ns, cpu), "allowed",
+                                    "do-nothing programs (return 1) at the attach points this "
+                                    "workload passes: connect4, sock_create, cgroup_skb egress; "
+                                    "the kernel's dispatch alone (outside the agent's root)"))
         nft_load = {}
         for n in s.sizes:
             cg = make_cgroup(stack, os.path.join(agent_root, f"w{label(n)}"))
@@ -225,7 +254,7 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict,
             _check_verdicts(variants)
             if not control_plane:
                 results["samples"] = _rounds(s, variants, seed)
-                results["self_time"] = _self_time(s, files, variants)
+                results["self_time"] = _self_time(s, files, variants, floor)
             big = next(v for v in variants if v.kind == "agent" and v.rules == largest)
             results["reloads"] = _reloads(s, files, agent, big, current[big.name], seed)
             results["policy_parse"] = _parse_cost(files, sum(s.sizes))
@@ -357,18 +386,22 @@ def _rounds(s: Settings, variants: list[Variant], seed: int) -> list[dict]:
 
 # -- kernel self-time ----------------------------------------------------------------------------
 
-def _self_time(s: Settings, files: AgentFiles, variants: list[Variant]) -> list[dict]:
+def _self_time(s: Settings, files: AgentFiles | None, variants: list[Variant],
+               floor: "FloorPrograms | None" = None) -> list[dict]:
     """Per-program run counts and run time per connect cycle, from bpf stats deltas around one
-    sample at a time (only the bench's workloads live below the agent's cgroupRoot)."""
-    progs = attached_programs(files.config)
-    agents = [v for v in variants if v.kind == "agent"]
+    sample at a time (only the bench's workloads live below the agent's cgroupRoot, and only
+    the floor variants run the floor programs, each counted under the agent program it stands
+    in for)."""
+    agent_progs = attached_programs(files.config) if files is not None else {}
+    measured = [v for v in variants if v.kind in ("agent", "floor")]
     rng = random.Random(2)
     out = []
     with bpf_stats_enabled():
         for r in range(s.stats_rounds):
-            order = list(agents)
+            order = list(measured)
             rng.shuffle(order)
             for v in order:
+                progs = agent_progs if v.kind == "agent" else floor.ids
                 before = prog_stats(progs)
                 got = workload.sample(v.place, s.count, s.warmup)
                 after = prog_stats(progs)
@@ -387,6 +420,111 @@ def _self_time(s: Settings, files: AgentFiles, variants: list[Variant]) -> list[
     log.info("kernel self-time: %s", ", ".join(
         f"{x['variant']} {x['self_ns_per_cycle']:.0f} ns" for x in out))
     return out
+
+
+# -- the dispatch floor --------------------------------------------------------------------------
+
+FLOOR_SOURCE = REPO / "bench" / "floor.c"
+
+
+@dataclass(frozen=True)
+class FloorHook:
+    function: str      # in bench/floor.c
+    prog_type: int
+    attach_type: int
+    stands_for: str    # the agent program that runs at the same attach point
+
+
+FLOOR_HOOKS = (
+    FloorHook("floor_connect4", loader.PROG_CGROUP_SOCK_ADDR, loader.ATTACH_INET4_CONNECT,
+              "sock4_connect"),
+    FloorHook("floor_sock_create", loader.PROG_CGROUP_SOCK, loader.ATTACH_INET_SOCK_CREATE,
+              "sock_create"),
+    FloorHook("floor_egress", loader.PROG_CGROUP_SKB, loader.ATTACH_INET_EGRESS, "skb_egress"),
+)
+
+
+class FloorPrograms:
+    """bench/floor.c, compiled and loaded once; attached through bpf links that are never
+    pinned, so closing them (or the bench dying) detaches the programs."""
+
+    def __init__(self) -> None:
+        from bcc import BPF  # Debian's python3-bpfcc, as for the agent
+
+        loader.check_kernel_headers()
+        self._bpf = BPF(src_file=str(FLOOR_SOURCE))
+        self.ids: dict[str, int] = {}   # agent program stood in for -> prog id
+        self._fds: dict[str, int] = {}
+        for hook in FLOOR_HOOKS:
+            fn = self._bpf.load_func(hook.function, hook.prog_type, None, hook.attach_type)
+            self._fds[hook.function] = fn.fd
+            self.ids[hook.stands_for] = syscall.prog_info(fn.fd).id
+
+    def attach(self, stack: Cleanup, cgroup: str, hooks: tuple[FloorHook, ...]) -> None:
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook in hooks:
+                link = syscall.link_create(self._fds[hook.function], cg_fd, hook.attach_type)
+                stack.defer(f"detach {hook.function} from {cgroup}", os.close, link)
+        finally:
+            os.close(cg_fd)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+
+def _ancestors_bare(cgroup: str, mount: str) -> None:
+    """Refuse to measure a floor under a cgroup that runs programs of its own: they would run
+    for the baseline too, and a program added to a non-empty list costs less than the first
+    one. (A program attached anywhere else on the machine only turns on the static key of its
+    attach point, which the baseline then pays as well: that part is no one's to remove.)"""
+    path = os.path.dirname(cgroup)
+    while True:
+        out = run_cmd(["bpftool", "--json", "cgroup", "show", path]).stdout.strip()
+        if out and json.loads(out):
+            raise BenchError(f"{path} has BPF programs attached ({out[:200]}): the floor would "
+                             "not be measured against a bare baseline")
+        if os.path.samefile(path, mount):
+            return
+        path = os.path.dirname(path)
+
+
+def measure_floor(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
+    """The dispatch floor, split by attach point: baseline, control, one variant per attach
+    point with a do-nothing program there, and one with all of them (the `floor` of a full
+    run). No agent runs, no nft table is loaded."""
+    run_id = f"{os.getpid():x}{random.randrange(16 ** 4):04x}"
+    name = f"hostagent-bench-{run_id}"
+    with Cleanup() as stack:
+        mount = cgroup2_mount()
+        root = make_cgroup(stack, os.path.join(mount, name))
+        ns = make_netns(stack, name)
+        floor = FloorPrograms()
+        stack.callback(floor.close)
+        variants = [Variant("baseline", "baseline", 0,
+                            Place(make_cgroup(stack, os.path.join(root, "base")), ns, cpu),
+                            "allowed", "nothing attached"),
+                    Variant("control", "control", 0,
+                            Place(make_cgroup(stack, os.path.join(root, "control")), ns, cpu),
+                            "allowed", "nothing attached (A/A: the noise floor)")]
+        for hook in FLOOR_HOOKS:
+            cg = make_cgroup(stack, os.path.join(root, hook.function))
+            floor.attach(stack, cg, (hook,))
+            variants.append(Variant(hook.function, "floor", 0, Place(cg, ns, cpu), "allowed",
+                                    f"a do-nothing program where {hook.stands_for} runs"))
+        cg = make_cgroup(stack, os.path.join(root, "floor"))
+        floor.attach(stack, cg, FLOOR_HOOKS)
+        variants.append(Variant("floor", "floor", 0, Place(cg, ns, cpu), "allowed",
+                                "all three: the floor of the agent's hook set"))
+        _ancestors_bare(root, mount)
+        results["variants"] = [{"name": v.name, "kind": v.kind, "rules": 0, "what": v.what}
+                               for v in variants]
+        _check_verdicts(variants)
+        results["samples"] = _rounds(s, variants, seed)
+        results["self_time"] = _self_time(s, None, variants, floor)
+    if stack.failures:
+        raise BenchError("cleanup failed: " + "; ".join(stack.failures))
+    results["loadavg_end"] = os.getloadavg()
 
 
 # -- reloads -------------------------------------------------------------------------------------

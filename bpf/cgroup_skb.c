@@ -91,13 +91,17 @@ int skb_egress(struct __sk_buff *skb)
 	if (!sk)
 		return SKB_PASS;
 	raw = !__is_plain_socket(sk->type, sk->protocol);
-	a.cgroup_id = bpf_skb_cgroup_id(skb);
 	if (!raw) {
 		if (sk->protocol != IPPROTO_UDP && sk->state != BPF_TCP_SYN_SENT)
 			return SKB_PASS;
 		/* headers are read only for a judge or a resolver that needs them */
-		dc = __dns_config();
+		a.cgroup_id = bpf_skb_cgroup_id(skb);
 		same_task = a.cgroup_id == bpf_get_current_cgroup_id();
+		dc = __dns_config();
+		/* A SYN's socket is connected: its port tells whether the resolver can be the
+		 * destination, without reading the headers (a UDP socket may be unconnected). */
+		if (dc && sk->protocol != IPPROTO_UDP && bpf_ntohs(sk->dst_port) != dc->port)
+			dc = NULL;
 		if (same_task && !dc)
 			return SKB_PASS;
 		if (__skb_destination(skb, &a, &src))
@@ -106,8 +110,10 @@ int skb_egress(struct __sk_buff *skb)
 			__dns_record_sender(skb, dc, &a, &src);
 		if (same_task)
 			return SKB_PASS;
-	} else if (__skb_destination(skb, &a, &src)) {
-		return SKB_PASS;
+	} else {
+		a.cgroup_id = bpf_skb_cgroup_id(skb);
+		if (__skb_destination(skb, &a, &src))
+			return SKB_PASS;
 	}
 	b = __binding_of_skb(skb, a.cgroup_id);
 	if (raw) {

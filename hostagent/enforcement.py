@@ -12,10 +12,13 @@ one stays in force.
 
 from __future__ import annotations
 
+import ctypes as ct
+import errno
 import ipaddress
 import json
 import logging
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 _RULE_KEY = struct.Struct("<I4s16s")
 _RULE_VALUE = struct.Struct("<IB3x")
 _MAX_PORTSETS = 16384  # MAX_PORTSETS in bpf/lib/maps.h
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 @dataclass
@@ -148,6 +152,10 @@ class Enforcement:
         for key, value in table.items():
             plen, addr = struct.unpack("<I16s", bytes(key))
             have[(int.from_bytes(addr, "big"), plen)] = (key, value.value)
+        # The kernel skips the trie where the filter's bit is clear, so the bits must cover
+        # the trie at every instant: those of both sets while entries come and go, then only
+        # the new set's (abi.h, protected_filter).
+        self._write_protected_filter(abi.protected_filter([*want, *have]))
         for prefix, kind in want.items():
             if have.get(prefix, (None, None))[1] != kind:
                 raw = struct.pack("<I16s", prefix[1], prefix[0].to_bytes(16, "big"))
@@ -155,6 +163,11 @@ class Enforcement:
         for prefix, (key, _) in have.items():
             if prefix not in want:
                 del table[key]
+        self._write_protected_filter(abi.protected_filter(want))
+
+    def _write_protected_filter(self, value: abi.ProtectedFilter) -> None:
+        table = self._t["protected_filter"]
+        table[table.Key(0)] = table.Leaf.from_buffer_copy(bytes(value))
 
     def write_dns_config(self, listen: tuple[str, int] | None, mark: int, agent_cgroup_id: int,
                          encrypted_ports: Sequence[int]) -> None:
@@ -449,9 +462,43 @@ class Enforcement:
         return self._bindings.get(cgid)
 
     def decisions(self) -> dict[tuple[int, int, int, int], int]:
+        """(policy_id, verdict, reason, hook) -> count, from both maps the kernel counts in:
+        decisions_v1 by key, allow_counts_v1 by slot (bpf/lib/abi.h)."""
         out = {}
         for key, values in self._t["decisions"].items():
             out[(key.policy_id, key.verdict, key.reason, key.hook)] = sum(values)
+        for slot, n in self._allow_counts():
+            key = abi.allow_count_key(slot)
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def _allow_counts(self) -> list[tuple[int, int]]:
+        """(slot, count summed over CPUs) of every allow_counts_v1 slot that counted anything.
+
+        One BPF_MAP_LOOKUP_BATCH of the whole array (bcc's items_lookup_batch passes one
+        variable as both its batch token and its count, which an array map does not survive),
+        then only the slots holding a non-zero byte are decoded: a node uses few of them."""
+        from bcc.libbcc import lib  # Debian's python3-bpfcc, as for the programs
+
+        table = self._t["allow_counts"]
+        per_cpu = table.Leaf            # __u64 per possible CPU
+        keys = (table.Key * abi.ALLOW_COUNT_SLOTS)()
+        values = (per_cpu * abi.ALLOW_COUNT_SLOTS)()
+        count, token = ct.c_uint32(abi.ALLOW_COUNT_SLOTS), ct.c_uint32(0)
+        if lib.bpf_lookup_batch(table.map_fd, None, ct.byref(token), ct.byref(keys),
+                                ct.byref(values), ct.byref(count)) != 0:
+            err = ct.get_errno()
+            if err != errno.ENOENT:  # ENOENT: the whole array was read, as asked
+                raise KernelError(f"reading allow_counts_v1: {os.strerror(err)}", errno=err)
+        raw = bytes(values)
+        stride = ct.sizeof(per_cpu)
+        out = []
+        pos = _NONZERO.search(raw, 0, count.value * stride)
+        while pos is not None:
+            i = pos.start() // stride
+            n = sum(values[i])
+            out.append((int(keys[i]), n))
+            pos = _NONZERO.search(raw, (i + 1) * stride, count.value * stride)
         return out
 
     def errors(self) -> dict[tuple[int, int, int], int]:

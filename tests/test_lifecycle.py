@@ -168,6 +168,26 @@ def test_metrics_and_readiness(node, ports):
     assert "hostagent_ringbuf_dropped_events_total 0.0" in metrics
 
 
+def test_decision_counts_are_exact_in_both_counter_maps(node, ports):
+    """Allows by a rule or the node default are counted in allow_counts_v1 slots, the rest in
+    decisions_v1 (bpf/lib/abi.h): the metrics add both up, each decision once."""
+    node.write_policy("a", policy("agent-a", "/agent-a", rule(ports["good"])))
+    governed, free = node.workload("agent-a"), node.workload("elsewhere")
+    agent = node.start_agent()
+    for _ in range(3):
+        assert governed.verdict("connect", host="127.0.0.2", port=ports["good"]) == "ok"
+        assert free.verdict("connect", host="127.0.0.2", port=ports["other"]) == "ok"
+    assert governed.verdict("connect", host="127.0.0.2", port=ports["other"]) == "EPERM"
+    _, metrics = agent.scrape()
+    for line in ('hostagent_decisions_total{hook="connect4",policy="agent-a",'
+                 'reason="policy_rule",verdict="allow"} 3.0',
+                 'hostagent_decisions_total{hook="connect4",policy="",reason="node_default",'
+                 'verdict="allow"} 3.0',
+                 'hostagent_decisions_total{hook="connect4",policy="agent-a",'
+                 'reason="policy_default",verdict="deny"} 1.0'):
+        assert line in metrics, line
+
+
 def test_agent_refuses_to_start_on_a_bad_policy_with_nothing_pinned(node):
     node.write_policy("a", "apiVersion: hostagent.io/v1\nkind: EgressPolicy\nspec: 3\n")
     agent = node.start_agent(wait=False)

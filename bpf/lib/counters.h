@@ -32,8 +32,14 @@ static __always_inline void __count_error(__u32 error, __u16 file_id, __u16 line
 
 #define COUNT_ERROR(error) __count_error(error, HOSTAGENT_FILE_ID, __LINE__)
 
+_Static_assert(HOOK_SKB_EGRESS < ALLOW_COUNT_NODE_DEFAULT, "hooks must fit below the offset");
+
 /*
  * __count_decision() - count one decision; every decision is counted, allow included.
+ *
+ * Allows by a rule or by the node default (nearly every decision of a working node) go to their
+ * slot of allow_counts, everything else to decisions under its key: see abi.h for why and for
+ * the slot arithmetic that user space undoes.
  */
 static __always_inline void __count_decision(__u32 policy_id, __u8 verdict, __u8 reason, __u8 hook)
 {
@@ -42,6 +48,18 @@ static __always_inline void __count_decision(__u32 policy_id, __u8 verdict, __u8
 	};
 	__u64 one = 1, *count;
 
+	if (verdict == VERDICT_ALLOW && policy_id < ALLOW_COUNT_POLICIES &&
+	    (reason == REASON_POLICY_RULE || reason == REASON_NODE_DEFAULT)) {
+		__u32 slot = policy_id * ALLOW_COUNT_STRIDE + hook +
+			     (reason == REASON_NODE_DEFAULT ? ALLOW_COUNT_NODE_DEFAULT : 0);
+
+		count = allow_counts.lookup(&slot);
+		if (count) {
+			/* per-CPU value, as below */
+			*count += 1;
+			return;
+		}
+	}
 	count = decisions.lookup(&key);
 	if (count) {
 		*count += 1;

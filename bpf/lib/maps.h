@@ -45,6 +45,8 @@ BPF_TABLE_PINNED("array", __u32, struct portset, portsets, MAX_PORTSETS,
 		 PIN("hostagent_portsets_v1"));
 BPF_TABLE_PINNED("lpm_trie", struct metadata_key, __u8, metadata, MAX_METADATA,
 		 PIN("hostagent_metadata_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct protected_filter, protected_filter, 1,
+		 PIN("hostagent_protected_filter_v1"));
 BPF_TABLE_PINNED("array", __u32, struct dns_config, dns_config_map, 1,
 		 PIN("hostagent_dns_v1"));
 BPF_TABLE_PINNED("hash", struct fqdn_key, struct fqdn_value, fqdn, MAX_FQDN,
@@ -60,6 +62,8 @@ BPF_TABLE_PINNED("sk_storage", int, struct dns_origin, dns_origins, 0,
 		 PIN("hostagent_dns_origins_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_hash", struct decision_key, __u64, decisions, 16384,
 		 PIN("hostagent_decisions_v1"));
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, allow_counts, ALLOW_COUNT_SLOTS,
+		 PIN("hostagent_allow_counts_v1"));
 BPF_TABLE_PINNED("percpu_hash", struct error_key, __u64, errors, 1024,
 		 PIN("hostagent_errors_v1"));
 

@@ -186,6 +186,33 @@ static __always_inline int __encrypted_dns_port(__u16 dport)
 }
 
 /*
+ * __maybe_protected() - could metadata_v1 hold a prefix covering @daddr.
+ * @daddr: destination, network byte order, IPv4 mapped
+ *
+ * The protected_filter pre-check (abi.h): two loads and a shift where the trie lookup it spares
+ * costs ≈ 50 ns on every connect.
+ * Returns: 0 if no protected prefix covers @daddr (proven by a clear bit), 1 if it may.
+ */
+static __always_inline int __maybe_protected(const __u32 daddr[4])
+{
+	__u32 zero = 0, top, i;
+	struct protected_filter *f = protected_filter.lookup(&zero);
+	__u64 word;
+
+	if (!f || !f->ready)
+		return 1;
+	if (!daddr[0] && !daddr[1] && daddr[2] == bpf_htonl(0xffff)) {
+		i = bpf_ntohl(daddr[3]) >> 16;
+		word = f->v4[(i / 64) & (PROTECTED_FILTER_WORDS - 1)];
+	} else {
+		top = bpf_ntohl(daddr[0]);
+		i = ((top >> 16) ^ top) & 0xffff;
+		word = f->v6[(i / 64) & (PROTECTED_FILTER_WORDS - 1)];
+	}
+	return (word >> (i % 64)) & 1;
+}
+
+/*
  * __decide() - judge a destination for a socket.
  * @b: the binding that governs the socket's cgroup (__binding_of_*), NULL if none
  * @cgid: the socket's cgroup, for DNS-opened addresses
@@ -205,12 +232,15 @@ static __always_inline void __decide(const struct binding *b, __u64 cgid, const 
 
 	__decision_init(d, cfg, b);
 
-	mkey.addr[0] = daddr[0];
-	mkey.addr[1] = daddr[1];
-	mkey.addr[2] = daddr[2];
-	mkey.addr[3] = daddr[3];
-	kind = metadata.lookup(&mkey);
-	protected = kind ? *kind : 0;
+	protected = 0;
+	if (__maybe_protected(daddr)) {
+		mkey.addr[0] = daddr[0];
+		mkey.addr[1] = daddr[1];
+		mkey.addr[2] = daddr[2];
+		mkey.addr[3] = daddr[3];
+		kind = metadata.lookup(&mkey);
+		protected = kind ? *kind : 0;
+	}
 
 	governed = b && b->mode != MODE_NONE && !(b->flags & BINDING_FIXED);
 	if (governed) {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes as ct
 import enum
 import ipaddress
+import sys
 
 ABI_VERSION = 1
 MAX_CGROUP_DEPTH = 16
@@ -32,6 +33,12 @@ MAX_ENCRYPTED_DNS_PORTS = 4
 FQDN_NAMED = 0x1
 PROTO_BIT_TCP = 1
 PROTO_BIT_UDP = 2
+PROTECTED_FILTER_BITS = 65536
+PROTECTED_FILTER_WORDS = 1024
+ALLOW_COUNT_POLICIES = 1024
+ALLOW_COUNT_STRIDE = 16
+ALLOW_COUNT_SLOTS = ALLOW_COUNT_POLICIES * ALLOW_COUNT_STRIDE
+ALLOW_COUNT_NODE_DEFAULT = 8
 
 
 class Verdict(enum.IntEnum):
@@ -161,6 +168,15 @@ class MetadataKey(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
 
 
+class ProtectedFilter(ct.Structure):
+    _fields_ = [
+        ("ready", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("v4", ct.c_uint64 * PROTECTED_FILTER_WORDS),
+        ("v6", ct.c_uint64 * PROTECTED_FILTER_WORDS),
+    ]
+
+
 class DnsConfig(ct.Structure):
     _fields_ = [
         ("addr", ct.c_uint8 * 16),
@@ -244,6 +260,7 @@ STRUCTS = {
     "port_range": PortRange,
     "portset": PortSet,
     "metadata_key": MetadataKey,
+    "protected_filter": ProtectedFilter,
     "dns_config": DnsConfig,
     "dns_origin": DnsOrigin,
     "dns_client_key": DnsClientKey,
@@ -299,3 +316,79 @@ def address_of(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Decode a 16-byte kernel address; IPv4-mapped ones come back as IPv4."""
     addr = ipaddress.IPv6Address(bytes(raw))
     return addr.ipv4_mapped or addr
+
+
+_MAPPED_TOP96 = _V4_MAPPED_INT >> 32
+
+
+def protected_filter_bits(prefixes) -> tuple[int, int]:
+    """The (v4, v6) bits of protected_filter_v1 for metadata_v1 keys given as (128-bit address,
+    prefix length), each bitmap as an int whose bit i is the filter's bit i (see abi.h).
+
+    A set of bits that covers every address of every prefix: for IPv4-mapped addresses the top
+    16 bits of the IPv4 address, for the rest of the IPv6 space the fold of the top 32 bits. A
+    prefix shorter than that granularity sets every index it can reach (a /8 sets 256 v4 bits,
+    ::/0 every bit of both); one that contains ::ffff:0:0/96 sets all v4 bits as well.
+    """
+    v4 = v6 = 0
+    for addr, plen in prefixes:
+        if plen <= 96:
+            # a prefix this short holds all of ::ffff:0:0/96 or none of it
+            if (addr ^ _V4_MAPPED_INT) >> (128 - plen) == 0:
+                v4 = (1 << PROTECTED_FILTER_BITS) - 1
+        elif addr >> 32 == _MAPPED_TOP96:
+            # inside ::ffff:0:0/96: an IPv4 prefix, and no address of the v6 bitmap
+            v4 |= _range_bits((addr & 0xFFFFFFFF) >> 16, plen - 96)
+            continue
+        top = addr >> 96
+        if plen >= 32:
+            v6 |= 1 << _fold(top)
+        elif plen <= 16:
+            v6 = (1 << PROTECTED_FILTER_BITS) - 1
+        else:
+            first = top & ~((1 << (32 - plen)) - 1)
+            for t in range(first, first + (1 << (32 - plen))):
+                v6 |= 1 << _fold(t)
+    return v4, v6
+
+
+def _fold(top32: int) -> int:
+    return (top32 >> 16) ^ (top32 & 0xFFFF)
+
+
+def _range_bits(top16: int, v4_plen: int) -> int:
+    """Bits of the top-16 values an IPv4 prefix of v4_plen bits starting at top16 reaches."""
+    if v4_plen >= 16:
+        return 1 << top16
+    span = 1 << (16 - v4_plen)
+    return ((1 << span) - 1) << (top16 & ~(span - 1))
+
+
+def protected_filter(prefixes, ready: bool = True) -> ProtectedFilter:
+    """The protected_filter_v1 value for these metadata_v1 keys."""
+    v4, v6 = protected_filter_bits(prefixes)
+    f = ProtectedFilter(ready=1 if ready else 0)
+    ct.memmove(ct.addressof(f.v4), v4.to_bytes(PROTECTED_FILTER_BITS // 8, sys.byteorder),
+               PROTECTED_FILTER_BITS // 8)
+    ct.memmove(ct.addressof(f.v6), v6.to_bytes(PROTECTED_FILTER_BITS // 8, sys.byteorder),
+               PROTECTED_FILTER_BITS // 8)
+    return f
+
+
+def maybe_protected(f: ProtectedFilter, key: bytes) -> bool:
+    """What the kernel's __maybe_protected() answers for a 16-byte address key (tests)."""
+    if not f.ready:
+        return True
+    addr = int.from_bytes(key, "big")
+    if addr >> 32 == _MAPPED_TOP96:
+        i, words = (addr & 0xFFFFFFFF) >> 16, f.v4
+    else:
+        i, words = _fold(addr >> 96), f.v6
+    return bool(words[i // 64] >> (i % 64) & 1)
+
+
+def allow_count_key(slot: int) -> tuple[int, int, int, int]:
+    """The (policy_id, verdict, reason, hook) decision an allow_counts_v1 slot counts."""
+    policy_id, rest = divmod(slot, ALLOW_COUNT_STRIDE)
+    reason = Reason.NODE_DEFAULT if rest & ALLOW_COUNT_NODE_DEFAULT else Reason.POLICY_RULE
+    return policy_id, int(Verdict.ALLOW), int(reason), rest & (ALLOW_COUNT_NODE_DEFAULT - 1)

@@ -62,7 +62,8 @@ MAP_PINS = ("hostagent_config_v1", "hostagent_bindings_v1", "hostagent_rules_v1"
             "hostagent_portsets_v1", "hostagent_metadata_v1", "hostagent_decisions_v1",
             "hostagent_errors_v1", "hostagent_dns_v1", "hostagent_fqdn_v1",
             "hostagent_dns_clients_v1", "hostagent_dns_senders_gen_v1",
-            "hostagent_dns_origins_v1", "hostagent_events_v1")
+            "hostagent_dns_origins_v1", "hostagent_events_v1", "hostagent_protected_filter_v1",
+            "hostagent_allow_counts_v1")
 # Pins earlier versions made and this one no longer uses: removed after a takeover and by
 # uninstall, so an upgrade leaves nothing behind.
 RETIRED_PINS = ("hostagent_origins_v1",)
