@@ -79,9 +79,11 @@ def cmd_status(args) -> int:
         print(json.dumps(status, indent=2, default=str))
         return 0
     attached = [p["program"] for p in status["programs"] if p["attached"]]
+    required = [p.name for p in loader.PROGRAMS if not p.optional]
     print(f"agent:       {'running, pid ' + str(pid) if status['agent_running'] else 'not running'}")
-    print(f"programs:    {len(attached)}/{len(loader.PROGRAMS)} attached "
-          f"({', '.join(attached) or 'none'})")
+    print(f"programs:    {len(set(attached) & set(required))}/{len(required)} attached "
+          f"({', '.join(attached) or 'none'}; optional: "
+          f"{', '.join(p.name for p in loader.PROGRAMS if p.optional)})")
     print(f"generation:  {status.get('generation', 0)}")
     print(f"policies:    {', '.join(status.get('policies', [])) or 'none'}")
     last = status.get("last_reload") or {}

@@ -201,6 +201,7 @@ class NodeConfig:
     event_buffer: int = 20000              # events kept in memory for subscribers to resume
     event_spool_max_bytes: int = 64 << 20  # on-disk spool under stateDir; 0 = none
     aggregate_window: float = 0.0          # seconds identical allowed flows fold into one; 0 = off
+    connection_close_events: bool = False  # a close event per outbound TCP connection (sock_ops)
     source: str | None = None  # the file it was loaded from; None for defaults only
 
 
@@ -423,6 +424,7 @@ _ATTRS: Mapping[str, str] = types.MappingProxyType({
     "events.replayBuffer": "event_buffer",
     "events.spool.maxBytes": "event_spool_max_bytes",
     "events.aggregate.window": "aggregate_window",
+    "events.connectionClose": "connection_close_events",
     "grpc.listen": "grpc_listen",
     "grpc.tls.cert": "grpc_tls_cert",
     "grpc.tls.key": "grpc_tls_key",
@@ -488,7 +490,8 @@ def _schema() -> _Section:
         "events": _Section({"allow": converters.boolean,
                             "replayBuffer": _bounded_int(1000, 10**7),
                             "spool": _Section({"maxBytes": _bounded_int(0, 2**40)}),
-                            "aggregate": _Section({"window": _bounded_float(0.0, 3600.0)})}),
+                            "aggregate": _Section({"window": _bounded_float(0.0, 3600.0)}),
+                            "connectionClose": converters.boolean}),
         "grpc": _Section({"listen": _grpc_listen,
                           "tls": _Section({"cert": _optional_path, "key": _optional_path,
                                            "clientCA": _optional_path}),

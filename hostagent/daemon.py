@@ -168,7 +168,8 @@ class Agent:
 
         t0 = time.monotonic()
         self.programs = loader.Programs(cfg.bpffs_dir, loader.Limits(
-            cfg.max_rules, cfg.max_cgroups, cfg.dns.max_allowances))
+            cfg.max_rules, cfg.max_cgroups, cfg.dns.max_allowances),
+            optional=frozenset({"sock_ops"} if cfg.connection_close_events else ()))
         log.info("programs compiled and loaded in %.2fs", time.monotonic() - t0)
         self.enforcement = Enforcement(self.programs, cfg.state_dir, cfg.max_rules,
                                        cfg.max_cgroups)
@@ -187,12 +188,19 @@ class Agent:
         for program in loader.PROGRAMS:
             self.metrics.attached.labels(program.name).set(1)
 
-        self._reader = RingReader(self.programs, self._on_event)
+        self._reader = RingReader(self.programs, self._on_event, self._on_close)
         if cfg.metrics_listen is not None:
             host, port = cfg.metrics_listen
             self._server = MetricsServer(host, port, self.metrics.registry, self.ready)
             self._server.start()
             log.info("metrics on http://%s:%d/metrics", *self._server.address)
+        # What start-up built (programs, policies, identities) lives as long as the agent. A
+        # full collection walks all of it while holding the GIL the resolver's thread needs
+        # (tens of ms with large policies: a stall in DNS answers), so it is moved out of the
+        # collector's sight, before the agent says it is ready: a new cgroup is bound by the
+        # main loop, which this would otherwise keep busy right after "enforcing".
+        gc.collect()
+        gc.freeze()
         self._ready = error is None or self.enforcement.adopted
         self.metrics.ready.set(1 if self._ready else 0)
         self.phase = Phase.RUNNING
@@ -210,12 +218,6 @@ class Agent:
         log.info("enforcing (generation %d) in %.2fs, %.2fs after the process started",
                  self.enforcement.state.generation, time.monotonic() - t0,
                  time.time() - psutil.Process().create_time())
-        # What start-up built (programs, policies, identities) lives as long as the agent. A
-        # full collection walks all of it while holding the GIL the resolver's thread needs
-        # (tens of ms with large policies: a stall in DNS answers), so it is moved out of the
-        # collector's sight.
-        gc.collect()
-        gc.freeze()
 
     def _start_events(self) -> None:
         """The event stream every event goes through: numbered, kept for subscribers, spooled,
@@ -628,6 +630,11 @@ class Agent:
         seq = self.bus.next_seq()
         self.bus.publish_encoded(seq, self._encoder.encode(e, seq, count))
         self._uncounted[_VERDICT_NAMES.get(e.verdict, "none")] += 1
+
+    def _on_close(self, c: abi.CloseEvent) -> None:
+        seq = self.bus.next_seq()
+        self.bus.publish_encoded(seq, self._encoder.encode_close(c, seq))
+        self._uncounted[_VERDICT_NAMES.get(c.event.verdict, "none")] += 1
 
     def _policy_name(self, policy_id: int) -> str:
         return self.enforcement.policy_name(policy_id)

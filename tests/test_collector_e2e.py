@@ -515,6 +515,7 @@ def test_questions_on_real_traffic(node, pki, tmp_path):
     # audit: the would-be denials reach their (closed) ports and are reported
     node.write_policy("w", policy("w", f"/{WORKLOAD}", "    - to: [{cidr: 127.0.0.4/32}]\n"
                                   "      ports: [{port: 9, protocol: TCP}]", mode="audit"))
+    w = node.workload(WORKLOAD)   # bound at start: a cgroup made later is the root's until bound
     node.start_agent()
     url = f"sqlite://{tmp_path}/events.db"
     cfg = load_config(None, {"agents": [node.grpc_address()], "database": url,
@@ -523,7 +524,6 @@ def test_questions_on_real_traffic(node, pki, tmp_path):
     c.start()
     follow = None
     try:
-        w = node.workload(WORKLOAD)
         w.do("connect_many", host="127.0.0.4", port=9, count=3)     # allowed by the rule
         w.do("connect_many", host=DENIED, port=9, count=4)          # audited
         wait_for(lambda: "127.0.0.3" in collector_cli("inventory", "--db", url).stdout, 30,

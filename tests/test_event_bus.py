@@ -62,6 +62,10 @@ def test_dict_and_protobuf_forms_say_the_same():
     for key in ("exe", "ppid", "pid", "tid", "comm", "uid", "gid"):
         dns["workload"].pop(key)
     assert from_proto(to_proto(dns)) == dns
+    close = {**conn(2), "kind": "connection_close", "hook": "tcp_close", "seq": 7,
+             "node": "n1", "agent_version": "1", "ticket": "CHG-1", "verdict": "allow",
+             "close": {"bytes_sent": 100002, "bytes_received": 50001, "duration_ns": 342336}}
+    assert from_proto(to_proto(close)) == close
 
 
 def test_numbers_without_gaps_and_readers_resume_anywhere():

@@ -8,6 +8,7 @@ import filecmp
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +44,11 @@ def collect(client: AgentClient, n: int, timeout: float = 20, into: list | None 
     return out
 
 
+def cgroup_count(node) -> int:
+    """Cgroups under the agent's root, itself included: a workload event each at start."""
+    return sum(1 for _ in os.walk(node.cgroup("")))
+
+
 def denies(events):
     return [e for e in events if e.kind == pb.KIND_CONNECTION and e.verdict == pb.VERDICT_DENY]
 
@@ -69,8 +75,9 @@ def test_events_say_who_did_what_and_under_which_decision(node, governed):
     # the same event, field for field, as the event log wrote it
     logged = node.wait_event(seq=e["seq"])
     assert logged == e
-    # the stream's first events: the policy generation, then the agent's start
-    first = collect(AgentClient(addr), 2, from_oldest=True)
+    # the stream's first events: the policy generation, then the agent's start (between them,
+    # the workloads present, test_workloads_already_there_at_start_are_events)
+    first = collect(AgentClient(addr), 2, from_oldest=True, kinds=["policy", "agent"])
     assert [x.kind for x in first[:2]] == [pb.KIND_POLICY, pb.KIND_AGENT]
     assert first[0].policy_change.ok and list(first[0].policy_change.added) == ["agent-a"]
     assert first[1].agent.phase == "started" and first[1].agent.pid == agent.proc.pid
@@ -100,8 +107,10 @@ def test_resume_by_seq_across_a_reconnect_and_an_agent_kill(node, governed):
     client = AgentClient(node.grpc_address())
     assert governed.do("connect_many", host="127.0.0.3", port=443, count=20)["results"] == \
         {"EPERM": 20}
-    seen = collect(client, 22, from_oldest=True)          # policy, agent, 20 denies
-    assert [e.seq for e in seen] == list(range(1, 23))
+    present = cgroup_count(node)
+    # policy, the workloads present, agent, 20 denies
+    seen = collect(client, 22 + present, from_oldest=True)
+    assert [e.seq for e in seen] == list(range(1, 23 + present))
     last = seen[-1].seq
     # the agent dies without a word; a new one takes over the pinned state and the spool
     node.agents[-1].stop(signal.SIGKILL)
@@ -113,15 +122,16 @@ def test_resume_by_seq_across_a_reconnect_and_an_agent_kill(node, governed):
     client = AgentClient(node.grpc_address())
     assert governed.do("connect_many", host="127.0.0.3", port=443, count=30)["results"] == \
         {"EPERM": 30}
-    resumed = collect(client, 42, since=last)     # policy, agent started, 40 denies
+    # policy, the workloads present, agent started, 40 denies
+    resumed = collect(client, 42 + present, since=last)
     numbers = [e.seq for e in resumed]
-    assert numbers == list(range(last + 1, last + 43))        # nothing missing, nothing twice
+    assert numbers == list(range(last + 1, last + 43 + present))   # nothing missing or twice
     assert sorted(e.destination.ip for e in denies(resumed)) == ["127.0.0.3"] * 30 + \
         ["127.0.0.4"] * 10
     assert any(e.kind == pb.KIND_AGENT and e.agent.adopted for e in resumed)
     # and the first agent's events are still there for a subscriber that starts from scratch
-    everything = collect(client, last + 42, from_oldest=True)
-    assert [e.seq for e in everything] == list(range(1, last + 43))
+    everything = collect(client, last + 42 + present, from_oldest=True)
+    assert [e.seq for e in everything] == list(range(1, last + 43 + present))
 
 
 def test_a_stalled_subscriber_slows_nothing_and_learns_what_it_missed(node, governed):
@@ -182,7 +192,7 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(node, governed
     good = AgentClient(addr, Tls(pki.ca, *pki.pair("collector")))
     assert good.status().ready
     assert governed.verdict("connect", host="127.0.0.3", port=443) == "EPERM"
-    assert denies(collect(good, 3, from_oldest=True))
+    assert denies(collect(good, 1, from_oldest=True, kinds=["connection"]))
     for bad in (AgentClient(addr, Tls(pki.ca)),                          # no certificate
                 AgentClient(addr, Tls(pki.ca, *pki.pair("intruder"))),   # another CA's
                 AgentClient(addr)):                                        # plain text
@@ -246,8 +256,7 @@ def test_workloads_already_there_at_start_are_events(node, governed):
     os.makedirs(node.cgroup("early/child"), exist_ok=True)
     node.start_agent()
     client = AgentClient(node.grpc_address())
-    cgroups = sum(1 for _ in os.walk(node.cgroup("")))  # the root included
-    got = collect(client, cgroups + 1, from_oldest=True, kinds=["workload", "agent"])
+    got = collect(client, cgroup_count(node) + 1, from_oldest=True, kinds=["workload", "agent"])
     present = [e for e in got if e.kind == pb.KIND_WORKLOAD]
     assert {e.workload_change.change for e in present} == {"present"}
     paths = [e.workload.cgroup_path for e in present]
@@ -255,6 +264,84 @@ def test_workloads_already_there_at_start_are_events(node, governed):
     started = next(e for e in got if e.kind == pb.KIND_AGENT)
     assert started.agent.phase == "started"
     assert all(e.seq < started.seq for e in present)
+
+
+class _Replier:
+    """A loopback server outside the governed tree: reads a request to its end, answers
+    ``reply`` bytes, closes."""
+
+    def __init__(self, reply: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[int] = []
+        self._reply = reply
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                n = 0
+                while chunk := c.recv(65536):
+                    n += len(chunk)
+                self.received.append(n)
+                c.sendall(b"y" * self._reply)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+def test_connection_close_events_say_what_a_connection_carried(node, enabled):
+    server = _Replier(reply=50_000)
+    node.write_config(events={"connectionClose": enabled, "allow": True})
+    node.write_policy("a", policy("agent-a", "/app", "    - name: upload\n      to: [{cidr: "
+                                  f"127.0.0.1/32}}]\n      ports: [{{port: {server.port}}}]\n"))
+    w = node.workload("app")
+    node.start_agent()
+    client = AgentClient(node.grpc_address())
+    since = node.status()["events"]["last_seq"]
+    assert w.do("exchange", host="127.0.0.1", port=server.port, send=100_000)["received"] == \
+        50_000
+    assert server.received == [100_000]
+    got = collect(client, 2 if enabled else 1, since=since,
+                  kinds=["connection", "connection_close"])
+    opened = next(e for e in got if e.kind == pb.KIND_CONNECTION)
+    assert opened.verdict == pb.VERDICT_ALLOW and opened.rule == "upload"
+    assert sock_ops_attached(node) is enabled
+    if not enabled:
+        assert all(e.kind == pb.KIND_CONNECTION for e in got)
+        return
+    closed = next(e for e in got if e.kind == pb.KIND_CONNECTION_CLOSE)
+    # the decision the connection was opened under, and who opened it
+    assert (closed.verdict, closed.reason, closed.policy, closed.rule) == \
+        (pb.VERDICT_ALLOW, "policy_rule", "agent-a", "upload")
+    assert closed.hook == "tcp_close" and closed.seq > opened.seq
+    assert closed.workload.cgroup_path == "/app"
+    assert closed.workload.pid == opened.workload.pid and closed.workload.comm
+    assert closed.socket.cookie == opened.socket.cookie
+    assert (closed.destination.ip, closed.destination.port, closed.destination.protocol) == \
+        ("127.0.0.1", server.port, "tcp")
+    # what it carried, counted as the kernel does (tcp_info's bytes_acked/bytes_received): the
+    # SYN and FIN acknowledged count one byte each, the peer's FIN one byte
+    assert 100_000 <= closed.close.bytes_sent <= 100_002
+    assert 50_000 <= closed.close.bytes_received <= 50_001
+    assert 0 < closed.close.duration_ns < 30 * 10**9
+    as_dict = from_proto(closed)
+    assert as_dict["kind"] == "connection_close" and as_dict["close"]["bytes_sent"] >= 100_000
+    assert as_dict["destination"]["port"] == server.port
+    # an agent started without it takes the program away again
+    node.agents[-1].stop()
+    node.write_config(events={"connectionClose": False})
+    node.start_agent()
+    assert not sock_ops_attached(node)
+
+
+def sock_ops_attached(node) -> bool:
+    status = json.loads(node.hostagent("status", "--json").stdout)
+    entry = next(p for p in status["programs"] if p["program"] == "sock_ops")
+    assert entry["optional"]
+    return entry["attached"]
 
 
 def test_generated_code_matches_proto(tmp_path):

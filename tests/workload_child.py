@@ -263,6 +263,16 @@ def run(cmd, listeners):
         s.connect((cmd["host"], cmd["port"]))
         listeners.held[cmd["name"]] = s
         return {}
+    if op == "exchange":
+        # send, half-close, read the reply to its end: a whole TCP conversation
+        s = socket.create_connection((cmd["host"], cmd["port"]), timeout=5)
+        s.sendall(b"x" * cmd["send"])
+        s.shutdown(socket.SHUT_WR)
+        got = 0
+        while chunk := s.recv(65536):
+            got += len(chunk)
+        s.close()
+        return {"received": got}
     if op == "held_send":
         listeners.held[cmd["name"]].sendall(b"still open")
         return {}

@@ -56,6 +56,7 @@ enum hostagent_hook {
 	HOOK_SENDMSG6 = 4,
 	HOOK_SOCK_CREATE = 5,
 	HOOK_SKB_EGRESS = 6,
+	HOOK_TCP_CLOSE = 7,          /* sockops: an outbound TCP connection ended (close_event) */
 };
 
 /* Node defaultAction. Python: config.DefaultAction. */
@@ -82,6 +83,7 @@ enum hostagent_error {
 	ERROR_CONFIG_MISSING = 4,    /* config map empty: decided fail-closed for governed sockets */
 	ERROR_DNS_ORIGIN = 5,        /* a redirected socket's original resolver could not be kept */
 	ERROR_DNS_CLIENT = 6,        /* a query's sender could not be recorded for the resolver */
+	ERROR_FLOW_ORIGIN = 7,       /* a connection's origin could not be kept: no close event */
 };
 
 /* Source files, for error_key.file_id. Python: abi.SourceFile. */
@@ -95,6 +97,7 @@ enum hostagent_file {
 	FILE_SOCK_CREATE = 6,
 	FILE_CGROUP_SKB = 7,
 	FILE_DNS = 8,
+	FILE_SOCK_OPS = 9,
 };
 
 /* Protocol bits of a port range; same values as policy.Protocol. */
@@ -296,6 +299,35 @@ struct event {
 	__u8 pad[3];
 	__u32 generation;     /* config generation when decided */
 	char comm[16];
+};
+
+/*
+ * flow_origins_v1 (socket storage, only while events.connectionClose attaches sock_ops): who
+ * opened an outbound TCP connection and under which decision, kept from connect to close.
+ */
+struct flow_origin {
+	__u64 start_ns;       /* bpf_ktime_get_boot_ns() at connect */
+	__u64 cgroup_id;      /* the connecting task's cgroup */
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u32 policy_id;
+	__u32 ruleset_id;
+	__u32 generation;
+	__u16 rule;
+	__u8 verdict;
+	__u8 reason;
+	char comm[16];
+};
+
+/* events ring buffer record of a connection that ended (event.hook == HOOK_TCP_CLOSE): the
+ * decision it was opened under, then what it carried. */
+struct close_event {
+	struct event event;
+	__u64 bytes_sent;     /* acknowledged by the peer (tcp_sock bytes_acked; SYN, FIN: 1 each) */
+	__u64 bytes_received; /* tcp_sock bytes_received (the peer's FIN: 1) */
+	__u64 duration_ns;    /* connect to close */
 };
 
 #endif /* HOSTAGENT_ABI_H */

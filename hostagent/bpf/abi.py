@@ -76,6 +76,7 @@ class Hook(enum.IntEnum):
     SENDMSG6 = 4
     SOCK_CREATE = 5
     SKB_EGRESS = 6
+    TCP_CLOSE = 7
 
 
 class BindingMode(enum.IntEnum):
@@ -96,6 +97,7 @@ class KernelError(enum.IntEnum):
     CONFIG_MISSING = 4
     DNS_ORIGIN = 5
     DNS_CLIENT = 6
+    FLOW_ORIGIN = 7
 
 
 class SourceFile(enum.IntEnum):
@@ -110,6 +112,7 @@ class SourceFile(enum.IntEnum):
     SOCK_CREATE = 6
     CGROUP_SKB = 7
     DNS = 8
+    SOCK_OPS = 9
 
 
 class Config(ct.Structure):
@@ -252,6 +255,35 @@ class Event(ct.Structure):
 
 
 # name in abi.h -> mirror, for the alignment test
+class FlowOrigin(ct.Structure):
+    _fields_ = [
+        ("start_ns", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64),
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("gid", ct.c_uint32),
+        ("policy_id", ct.c_uint32),
+        ("ruleset_id", ct.c_uint32),
+        ("generation", ct.c_uint32),
+        ("rule", ct.c_uint16),
+        ("verdict", ct.c_uint8),
+        ("reason", ct.c_uint8),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class CloseEvent(ct.Structure):
+    """A ring record whose event.hook is Hook.TCP_CLOSE."""
+
+    _fields_ = [
+        ("event", Event),
+        ("bytes_sent", ct.c_uint64),
+        ("bytes_received", ct.c_uint64),
+        ("duration_ns", ct.c_uint64),
+    ]
+
+
 STRUCTS = {
     "config": Config,
     "binding": Binding,
@@ -270,6 +302,8 @@ STRUCTS = {
     "decision_key": DecisionKey,
     "error_key": ErrorKey,
     "event": Event,
+    "flow_origin": FlowOrigin,
+    "close_event": CloseEvent,
 }
 
 # C enum name -> (IntEnum, prefix of its C constants)

@@ -20,14 +20,17 @@ from hostagent.errors import KernelError, SetupError
 # bcc rewrites map calls only in its main file, so every file that touches a map is appended
 # to one text, in this order, each under a #line marker (see bpf/hostagent.c).
 SOURCES = ("hostagent.c", "lib/maps.h", "lib/counters.h", "lib/origin.h", "lib/policy.h",
-           "lib/events.h", "lib/dns.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c")
+           "lib/events.h", "lib/dns.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c",
+           "sock_ops.c")
 
 # kernel uapi numbers (enum bpf_prog_type / enum bpf_attach_type)
 PROG_CGROUP_SKB = 8
 PROG_CGROUP_SOCK = 9
+PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
 ATTACH_INET_EGRESS = 1
 ATTACH_INET_SOCK_CREATE = 2
+ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_UDP4_SENDMSG = 14
@@ -43,6 +46,7 @@ class Program:
     name: str          # C function, entry program name
     prog_type: int
     attach_type: int
+    optional: bool = False   # attached only when the node config asks (attach(optional=...))
 
 
 PROGRAMS = (
@@ -56,6 +60,8 @@ PROGRAMS = (
     Program("sock6_getpeername", PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME),
     Program("sock_create", PROG_CGROUP_SOCK, ATTACH_INET_SOCK_CREATE),
     Program("skb_egress", PROG_CGROUP_SKB, ATTACH_INET_EGRESS),
+    # close events (events.connectionClose): costs every TCP connection a socket storage
+    Program("sock_ops", PROG_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS, optional=True),
 )
 
 MAP_PINS = ("hostagent_config_v1", "hostagent_bindings_v1", "hostagent_rules_v1",
@@ -63,7 +69,7 @@ MAP_PINS = ("hostagent_config_v1", "hostagent_bindings_v1", "hostagent_rules_v1"
             "hostagent_errors_v1", "hostagent_dns_v1", "hostagent_fqdn_v1",
             "hostagent_dns_clients_v1", "hostagent_dns_senders_gen_v1",
             "hostagent_dns_origins_v1", "hostagent_events_v1", "hostagent_protected_filter_v1",
-            "hostagent_allow_counts_v1")
+            "hostagent_allow_counts_v1", "hostagent_flow_origins_v1")
 # Pins earlier versions made and this one no longer uses: removed after a takeover and by
 # uninstall, so an upgrade leaves nothing behind.
 RETIRED_PINS = ("hostagent_origins_v1",)
@@ -111,7 +117,9 @@ class Limits:
 class Programs:
     """The compiled programs and the bcc module that owns the maps."""
 
-    def __init__(self, pin_dir: str, limits: Limits) -> None:
+    def __init__(self, pin_dir: str, limits: Limits, optional: frozenset[str] = frozenset()
+                 ) -> None:
+        """``optional``: the optional programs (Program.optional) to load and attach."""
         from bcc import BPF  # Debian's python3-bpfcc, linked into the venv by setup
 
         check_kernel_headers()
@@ -124,8 +132,11 @@ class Programs:
         except Exception as err:  # bcc raises bare Exception; keep its words
             raise KernelError(f"compiling {src}/hostagent.c failed: {err}") from err
         self.pin_dir = pin_dir
+        self.optional = optional
         self.fds: dict[str, int] = {}
         for program in PROGRAMS:
+            if program.optional and program.name not in optional:
+                continue
             try:
                 fn = self.bpf.load_func(program.name, program.prog_type, None,
                                         program.attach_type)
@@ -137,12 +148,17 @@ class Programs:
         return self.bpf[table]
 
     def attach(self, root: CgroupRoot) -> list[str]:
-        """Attach every program at root, taking over pinned links. Returns what was done."""
+        """Attach every program at root, taking over pinned links, and the optional programs
+        asked for; an optional program not asked for is detached if an earlier agent attached
+        it. Returns what was done."""
         done = []
         cg_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for program in PROGRAMS:
-                done.append(self._attach_one(program, cg_fd, root))
+                if program.name in self.fds:
+                    done.append(self._attach_one(program, cg_fd, root))
+                elif _detach(self.pin_dir, program):
+                    done.append(f"{program.name}: detached (not asked for)")
         finally:
             os.close(cg_fd)
         for name in RETIRED_PINS:
@@ -188,11 +204,13 @@ def attached(pin_dir: str) -> list[dict]:
     for program in PROGRAMS:
         fd = syscall.obj_get(link_pin(pin_dir, program))
         if fd is None:
-            out.append({"program": program.name, "attached": False})
+            out.append({"program": program.name, "attached": False,
+                        "optional": program.optional})
             continue
         try:
             info = syscall.link_info(fd)
-            entry = {"program": program.name, "attached": True, "link_id": info.id,
+            entry = {"program": program.name, "attached": True, "optional": program.optional,
+                     "link_id": info.id,
                      "prog_id": info.prog_id, "cgroup_id": info.cgroup_id}
             try:
                 pfd = syscall.prog_fd_by_id(info.prog_id)
@@ -211,18 +229,7 @@ def attached(pin_dir: str) -> list[dict]:
 
 def uninstall(pin_dir: str) -> list[str]:
     """Detach every program and remove every pinned object. Idempotent."""
-    done = []
-    for program in PROGRAMS:
-        pin = link_pin(pin_dir, program)
-        fd = syscall.obj_get(pin)
-        if fd is None:
-            continue
-        try:
-            syscall.link_detach(fd)
-        finally:
-            os.close(fd)
-        os.unlink(pin)
-        done.append(f"detached {program.name}")
+    done = [f"detached {program.name}" for program in PROGRAMS if _detach(pin_dir, program)]
     for name in MAP_PINS + RETIRED_PINS:
         path = os.path.join(pin_dir, name)
         if os.path.exists(path):
@@ -231,3 +238,17 @@ def uninstall(pin_dir: str) -> list[str]:
     if os.path.isdir(pin_dir) and not os.listdir(pin_dir):
         os.rmdir(pin_dir)
     return done
+
+
+def _detach(pin_dir: str, program: Program) -> bool:
+    """Detach a program through its pinned link and remove the pin; False if none was there."""
+    pin = link_pin(pin_dir, program)
+    fd = syscall.obj_get(pin)
+    if fd is None:
+        return False
+    try:
+        syscall.link_detach(fd)
+    finally:
+        os.close(fd)
+    os.unlink(pin)
+    return True

@@ -134,6 +134,10 @@ def _workload_dict(w: pb.Workload, with_process: bool) -> dict:
     return out
 
 
+# kernel records about one flow: they carry the process, the destination and the socket
+_FLOW_KINDS = frozenset({"connection", "connection_close"})
+
+
 def from_proto(e: pb.Event) -> dict:
     """The dictionary form: what the agent's event log holds for the same event."""
     kind = KIND_NAMES.get(e.kind, "unspecified")
@@ -147,14 +151,18 @@ def from_proto(e: pb.Event) -> dict:
     if e.count:
         out["count"] = e.count
     if e.HasField("workload"):
-        out["workload"] = _workload_dict(e.workload, with_process=kind == "connection")
-    if kind == "connection":
+        out["workload"] = _workload_dict(e.workload, with_process=kind in _FLOW_KINDS)
+    if kind in _FLOW_KINDS:
         out["hook"] = e.hook
         d = e.destination
         out["destination"] = ({"ip": d.ip, "port": d.port, "protocol": d.protocol,
                                "name": _none(d.name)} if e.HasField("destination") else None)
         out["socket"] = {"cookie": e.socket.cookie, "family": e.socket.family,
                          "protocol": e.socket.protocol}
+        if kind == "connection_close":
+            out["close"] = {"bytes_sent": e.close.bytes_sent,
+                            "bytes_received": e.close.bytes_received,
+                            "duration_ns": e.close.duration_ns}
     elif kind == "dns":
         d = e.dns
         out.update(query={"name": d.name, "type": d.type}, rcode=d.rcode,
@@ -175,8 +183,4 @@ def from_proto(e: pb.Event) -> dict:
     elif kind == "lost":
         out["lost"] = {"source": e.lost.source, "count": e.lost.count,
                        "first_seq": e.lost.first_seq, "last_seq": e.lost.last_seq}
-    elif kind == "connection_close":
-        out["close"] = {"bytes_sent": e.close.bytes_sent,
-                        "bytes_received": e.close.bytes_received,
-                        "duration_ns": e.close.duration_ns}
     return out

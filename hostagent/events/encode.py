@@ -73,6 +73,9 @@ class ConnectionEncoder:
         self._identity, self._process, self._name_of = identity, process, name_of
         self._head = pb.Event(node=node, agent_version=version,
                               kind=pb.KIND_CONNECTION).SerializeToString()
+        self._close_head = pb.Event(node=node, agent_version=version,
+                                    kind=pb.KIND_CONNECTION_CLOSE).SerializeToString()
+        self._close = pb.Event(close=pb.ConnectionClose())
         # per (family, protocol): an Event holding the per-record fields, reused: setting four
         # fields of a live message costs a third of building one
         self._templates: dict[tuple[int, int], pb.Event] = {}
@@ -85,7 +88,16 @@ class ConnectionEncoder:
         self._workloads.clear()
         self._destinations.clear()
 
-    def encode(self, e: abi.Event, seq: int, count: int = 0) -> bytes:
+    def encode_close(self, c: abi.CloseEvent, seq: int) -> bytes:
+        """The serialized Event of a connection that ended: the decision it was opened under,
+        with what it carried (kind connection_close)."""
+        detail = self._close.close
+        detail.bytes_sent, detail.bytes_received = c.bytes_sent, c.bytes_received
+        detail.duration_ns = c.duration_ns
+        return self.encode(c.event, seq, head=self._close_head) + \
+            self._close.SerializeToString()
+
+    def encode(self, e: abi.Event, seq: int, count: int = 0, head: bytes | None = None) -> bytes:
         seconds, nanos = self._clock.split(e.time_ns)
         tmpl = self._templates.get((e.family, e.protocol))
         if tmpl is None:
@@ -115,7 +127,7 @@ class ConnectionEncoder:
                     destination=pb.Destination(ip=str(abi.address_of(daddr)), port=e.dport,
                                                protocol=protocol_name(e.protocol),
                                                name=name or "")).SerializeToString())
-        return tail + self._head + decision + workload + destination
+        return tail + (head or self._head) + decision + workload + destination
 
     @staticmethod
     def _store(cache: dict, key: tuple, value: bytes) -> bytes:

@@ -20,9 +20,14 @@ DRAIN_BUDGET = 4096
 
 
 class RingReader:
-    def __init__(self, programs, handle: Callable[[abi.Event], None]) -> None:
+    """handle(event) for each decision record, handle_close(record) for each close_event
+    (event.hook == Hook.TCP_CLOSE, bpf/sock_ops.c)."""
+
+    def __init__(self, programs, handle: Callable[[abi.Event], None],
+                 handle_close: Callable[[abi.CloseEvent], None] | None = None) -> None:
         self._bpf = programs.bpf
         self._handle = handle
+        self._handle_close = handle_close
         self.received = 0
         self.malformed = 0
         self._budget = DRAIN_BUDGET
@@ -35,8 +40,14 @@ class RingReader:
                 # a view of the ring, not a copy: valid until the callback returns, which is
                 # as long as a handler may keep it (it copies what it keeps)
                 event = abi.Event.from_address(data)
-                self.received += 1
-                self._handle(event)
+                if event.hook != abi.Hook.TCP_CLOSE:
+                    self.received += 1
+                    self._handle(event)
+                elif size < ct.sizeof(abi.CloseEvent) or self._handle_close is None:
+                    self.malformed += 1
+                else:
+                    self.received += 1
+                    self._handle_close(abi.CloseEvent.from_address(data))
             self._budget -= 1
             return -1 if self._budget <= 0 else 0
 
