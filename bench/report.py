@@ -386,13 +386,14 @@ def render_floor(results: dict, raw_path: Path) -> str:
     h = results["host"]
     ev = results["evaluation"]
     lines = [
-        f"## Dispatch floor: {h['date_utc']}", "",
+        f"## {results.get('title', 'Dispatch floor')}: {h['date_utc']}", "",
         f"- Command: `{results['command']}` ({results['duration_s']:.0f} s); raw results in "
         f"`{raw_path}`",
         f"- Kernel {h['kernel']}, {h['cpus']} × {h['cpu']}; load average "
         f"{h['loadavg_start'][0]:.2f} at the start, {results.get('loadavg_end', [0])[0]:.2f} at "
         "the end",
-        f"- {ev['metrics']['ns_per_cycle']['rounds']} interleaved rounds; no agent, no nft",
+        f"- {ev['metrics']['ns_per_cycle']['rounds']} interleaved rounds; "
+        f"{results.get('setup', 'no agent, no nft')}",
     ]
     for metric, title in METRICS.items():
         m = ev["metrics"][metric]

@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the dispatch floor: do-nothing programs at each of the attach "
                    "points the workload passes, one at a time and all together, interleaved with "
                    "the baseline; no agent, no nft; prints its table, docs untouched")
+    p.add_argument("--close-events", action="store_true",
+                   help="only what events.connectionClose costs: agents with and without it, "
+                   "10 CIDRs each, interleaved with the baseline; prints its table, docs "
+                   "untouched")
     p.add_argument("--from-results", type=Path, metavar="JSON",
                    help="measure nothing: re-evaluate a raw results file and write its tables "
                    "(to --docs, default docs/benchmarks.md)")
@@ -160,15 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.floor:
             measure_floor(settings, args.cpu, args.seed, results)
+        elif args.close_events:
+            measure_close(settings, args.cpu, args.seed, results)
         else:
             measure(settings, args.cpu, args.seed, results, args.control_plane)
     except BenchError as err:
         log.error("%s", err)
         return 1
     results["duration_s"] = time.monotonic() - started
-    if args.floor:
+    if args.floor or args.close_events:
         results["evaluation"] = report.evaluate_floor(results)
-        report.publish(results, "floor-", args.quick, report.render_floor, None)
+        results["title"] = "Dispatch floor" if args.floor else "Close events"
+        results["setup"] = ("no agent, no nft" if args.floor else
+                            "two agents, 10 CIDRs each, events.connectionClose off and on")
+        report.publish(results, "floor-" if args.floor else "close-", args.quick,
+                       report.render_floor, None)
         return 0
     if args.control_plane:
         results["evaluation"] = report.evaluate_control_plane(results)
@@ -522,6 +532,54 @@ def measure_floor(s: Settings, cpu: int | None, seed: int, results: dict) -> Non
         _check_verdicts(variants)
         results["samples"] = _rounds(s, variants, seed)
         results["self_time"] = _self_time(s, None, variants, floor)
+    if stack.failures:
+        raise BenchError("cleanup failed: " + "; ".join(stack.failures))
+    results["loadavg_end"] = os.getloadavg()
+
+
+def measure_close(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
+    """What events.connectionClose costs a connection: two agents side by side, each at a
+    cgroup of its own with the same 10-CIDR policy, one with close events and one without,
+    interleaved with the baseline. The workload's connections are allowed (its destination is
+    in the policy), so each one opens and closes a connection the agent records."""
+    run_id = f"{os.getpid():x}{random.randrange(16 ** 4):04x}"
+    name = f"hostagent-bench-{run_id}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    with Cleanup() as stack:
+        stack.defer(f"rm -r {tmp}", _rmtree, tmp)
+        mount = cgroup2_mount()
+        root = make_cgroup(stack, os.path.join(mount, name))
+        ns = make_netns(stack, name)
+        variants = [Variant("baseline", "baseline", 0,
+                            Place(make_cgroup(stack, os.path.join(root, "base")), ns, cpu),
+                            "allowed", "nothing attached"),
+                    Variant("control", "control", 0,
+                            Place(make_cgroup(stack, os.path.join(root, "control")), ns, cpu),
+                            "allowed", "nothing attached (A/A: the noise floor)")]
+        cidrs = rules.allowlist(10, seed=seed * 1000 + 10)
+        for close in (False, True):
+            tag = "close" if close else "plain"
+            agent_root = make_cgroup(stack, os.path.join(root, f"agent-{tag}"))
+            files = AgentFiles(config=tmp / f"{tag}.yaml", policy_dir=tmp / f"policies-{tag}",
+                               state_dir=tmp / f"state-{tag}", bpffs_dir=f"/sys/fs/bpf/{name}-{tag}",
+                               cgroup_root=agent_root, log=tmp / f"agent-{tag}.log")
+            write_agent_config(files, max_rules=262144)
+            with files.config.open("a") as f:   # two agents: no shared listen addresses
+                f.write(f"events: {{connectionClose: {'true' if close else 'false'}}}\n"
+                        'grpc: {listen: ""}\ndns: {enabled: false}\n')
+            v = Variant("agent-10-close" if close else "agent-10", "agent", 10,
+                        Place(make_cgroup(stack, os.path.join(agent_root, "w")), ns, cpu),
+                        "eperm", "hostagent, 10 CIDRs" + (", events.connectionClose: true"
+                                                            if close else ""))
+            os.replace(*_stage_policy(files, v, cidrs))
+            variants.append(v)
+            agent = start_agent(stack, files)
+            agent.wait_for(r"enforcing \(generation \d+\)", 0, AGENT_START_TIMEOUT)
+            stack.callback(_keep_log, files.log)
+        results["variants"] = [{"name": v.name, "kind": v.kind, "rules": v.rules, "what": v.what}
+                               for v in variants]
+        _check_verdicts(variants)
+        results["samples"] = _rounds(s, variants, seed)
     if stack.failures:
         raise BenchError("cleanup failed: " + "; ".join(stack.failures))
     results["loadavg_end"] = os.getloadavg()

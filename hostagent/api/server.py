@@ -140,10 +140,12 @@ class ApiServer:
                 root_certificates=_read(tls["clientCA"], "clientCA") if tls.get("clientCA")
                 else None,
                 require_client_auth=bool(tls.get("clientCA")))
-            port = self._server.add_secure_port(listen, creds)
-        else:
-            port = self._server.add_insecure_port(listen)
-        if port == 0 and not listen.startswith("unix:"):
+        try:
+            port = (self._server.add_secure_port(listen, creds) if tls
+                    else self._server.add_insecure_port(listen))
+        except RuntimeError:  # newer grpcio raises where older ones returned 0
+            port = 0
+        if port == 0:
             raise ConfigError(f"grpc.listen {listen}: cannot listen there (in use?)")
         if listen.startswith("unix:"):
             self.address = listen
