@@ -2,8 +2,9 @@
 /*
  * sock_ops: a close event for every outbound TCP connection, with the bytes it carried each way
  * and how long it lived (events.connectionClose). Attached only when the node config asks:
- * each connection then costs a socket storage allocation (~1.5 µs, docs/benchmarks.md) and a
- * run at each of its state changes.
+ * each connection then costs a socket storage allocation, a second judgement and a run at each
+ * of its state changes, ≈ 3 µs in all on the bench's loopback cycle (docs/benchmarks.md,
+ * `python -m bench.run --close-events`).
  *
  * At TCP_CONNECT_CB (in the connecting task, just after connect4/6 let it through) the
  * destination is judged again the way connect4/6 judged it, and who connected under which
