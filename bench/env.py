@@ -320,7 +320,8 @@ def attached_programs(config: Path) -> dict[str, int]:
     """program name -> prog id, from `hostagent status --json`."""
     status = json.loads(hostagent_cli(config, "status", "--json").stdout)
     progs = {p["program"]: p["prog_id"] for p in status.get("programs", []) if p.get("attached")}
-    missing = [p["program"] for p in status.get("programs", []) if not p.get("attached")]
+    missing = [p["program"] for p in status.get("programs", [])
+               if not p.get("attached") and not p.get("optional")]
     if missing:
         raise BenchError(f"the agent reports enforcing but {', '.join(missing)} is not attached")
     return progs

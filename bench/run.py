@@ -629,11 +629,12 @@ def _reloads(s: Settings, files: AgentFiles, agent, big: Variant, cidrs: list[st
                  kind, big.rules, out[-1]["log_in_force_s"],
                  f"{out[-1]['probe_allowed_s']:.2f}" if seen else "never")
         cidrs = new
-        # Had the poll seen the rename before the SIGHUP arrived anyway, the agent reloads
-        # twice: wait for the second one so that it cannot overlap the next measurement.
+        # Had the poll seen the rename before the SIGHUP arrived anyway, the SIGHUP finds the
+        # directory unchanged (or, landing mid-load, loads it again): wait until it has been
+        # handled, so that it cannot overlap the next measurement.
         if polled:
-            agent.wait_for(r"policy generation (\d+) in force|policy rejected", i + 1,
-                           RELOAD_TIMEOUT)
+            agent.wait_for(r"policy generation (\d+) in force|policy rejected|"
+                           r"SIGHUP: policy directory unchanged", i + 1, RELOAD_TIMEOUT)
     return out
 
 

@@ -40,6 +40,7 @@ from hostagent.events.spool import Spool
 from hostagent.events.reader import DRAIN_INTERVAL, RingReader
 from hostagent.events.encode import BootClock, ConnectionEncoder
 from hostagent.fqdn import Allowances, DnsGate
+from hostagent.identity import credentials
 from hostagent.identity.process import ProcessCache
 from hostagent.identity.resolver import IdentityResolver, Workload
 from hostagent.metrics.collector import AgentMetrics
@@ -391,14 +392,20 @@ class Agent:
         cfg = self.cfg
         node = cfg.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
         if cfg.kube_enabled != "false":
-            from hostagent.identity.kube import PodWatcher, make_api_client
+            missing = credentials.missing(cfg.kubeconfig)
+            client = None
+            if missing is None or cfg.kube_enabled == "true":
+                # only now: the client library's import is a noticeable part of a start
+                from hostagent.identity.kube import PodWatcher, make_api_client
 
-            try:
-                client = make_api_client(cfg.kubeconfig)
-            except ConfigError as err:
-                if cfg.kube_enabled == "true":
-                    raise
-                self.kube_note = f"no cluster credentials ({err}); cgroup-derived identity only"
+                try:
+                    client = make_api_client(cfg.kubeconfig)
+                except ConfigError as err:
+                    if cfg.kube_enabled == "true":
+                        raise
+                    missing = str(err)
+            if client is None:
+                self.kube_note = f"no cluster credentials ({missing}); cgroup-derived identity only"
                 log.info("Kubernetes metadata off: %s", self.kube_note)
             else:
                 self._pods = PodWatcher(client, node, self._pod_changes.append)

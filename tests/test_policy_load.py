@@ -998,8 +998,9 @@ def test_gc_paused_restores_the_collector():
 
 
 def test_gc_paused_moves_what_it_built_to_the_oldest_generation():
-    """So that no young collection walks a freshly loaded policy again; a deliberate freeze
-    by someone else is left alone."""
+    """So that no young collection walks a freshly loaded policy again. Where the process froze
+    its heap on purpose (the agent, once started), what was built is frozen beside it and the
+    earlier freeze stays."""
     import gc
 
     with load_module.gc_paused():
@@ -1014,5 +1015,6 @@ def test_gc_paused_moves_what_it_built_to_the_oldest_generation():
             more = [[i] for i in range(1000)]
         assert gc.get_freeze_count() > 0 and more
         assert not any(o is sentinel for o in gc.get_objects())   # still frozen
+        assert not any(o is more for o in gc.get_objects())       # and the new ones too
     finally:
         gc.unfreeze()

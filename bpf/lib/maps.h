@@ -57,10 +57,12 @@ BPF_TABLE_PINNED("lru_hash", struct dns_client_key, struct dns_client, dns_clien
  * from each source and reads this (mmapped, no syscall) to know its memo still holds. */
 BPF_TABLE_PINNED("array", __u32, __u64, dns_senders_gen, 1,
 		 PIN("hostagent_dns_senders_gen_v1"), BPF_F_MMAPABLE);
-/* Socket storage only for outbound TCP connections, and only while sock_ops is attached
- * (events.connectionClose): the hot path never touches it. */
+#ifdef HOSTAGENT_SOCK_OPS
+/* Socket storage only for outbound TCP connections, and only with sock_ops compiled in
+ * (events.connectionClose; the loader defines the macro): the hot path never touches it. */
 BPF_TABLE_PINNED("sk_storage", int, struct flow_origin, flow_origins, 0,
 		 PIN("hostagent_flow_origins_v1"), BPF_F_NO_PREALLOC);
+#endif
 /* Socket storage only for sockets whose DNS was redirected: the hot path never touches it. */
 BPF_TABLE_PINNED("sk_storage", int, struct dns_origin, dns_origins, 0,
 		 PIN("hostagent_dns_origins_v1"), BPF_F_NO_PREALLOC);

@@ -20,8 +20,10 @@ from hostagent.errors import KernelError, SetupError
 # bcc rewrites map calls only in its main file, so every file that touches a map is appended
 # to one text, in this order, each under a #line marker (see bpf/hostagent.c).
 SOURCES = ("hostagent.c", "lib/maps.h", "lib/counters.h", "lib/origin.h", "lib/policy.h",
-           "lib/events.h", "lib/dns.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c",
-           "sock_ops.c")
+           "lib/events.h", "lib/dns.h", "sock_addr.c", "sock_create.c", "cgroup_skb.c")
+# Optional programs' files, compiled only when asked for (each adds to every start's compile),
+# with -D<macro> so that their maps are declared too.
+OPTIONAL_SOURCES = {"sock_ops": ("sock_ops.c", "HOSTAGENT_SOCK_OPS")}
 
 # kernel uapi numbers (enum bpf_prog_type / enum bpf_attach_type)
 PROG_CGROUP_SKB = 8
@@ -102,9 +104,10 @@ def check_kernel_headers() -> None:
                          "BCC_KERNEL_SOURCE")
 
 
-def source_text(src_dir: Path) -> str:
+def source_text(src_dir: Path, optional: frozenset[str] = frozenset()) -> str:
+    names = SOURCES + tuple(OPTIONAL_SOURCES[p][0] for p in sorted(optional))
     return "\n".join(f'#line 1 "{src_dir / name}"\n{(src_dir / name).read_text()}'
-                     for name in SOURCES)
+                     for name in names)
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,9 @@ class Programs:
         cflags = [f"-I{src}", f'-DHOSTAGENT_PIN_DIR="{pin_dir}"',
                   f"-DMAX_RULES={limits.max_rules}", f"-DMAX_CGROUPS={limits.max_cgroups}",
                   f"-DMAX_FQDN={limits.max_fqdn}"]
+        cflags += [f"-D{OPTIONAL_SOURCES[p][1]}" for p in sorted(optional)]
         try:
-            self.bpf = BPF(text=source_text(src), cflags=cflags)
+            self.bpf = BPF(text=source_text(src, optional), cflags=cflags)
         except Exception as err:  # bcc raises bare Exception; keep its words
             raise KernelError(f"compiling {src}/hostagent.c failed: {err}") from err
         self.pin_dir = pin_dir

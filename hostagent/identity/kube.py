@@ -41,6 +41,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.config.incluster_config import SERVICE_HOST_ENV_NAME, InClusterConfigLoader
 
 from hostagent.errors import ConfigError
+from hostagent.identity import credentials
 
 log = logging.getLogger("hostagent.identity.kube")
 
@@ -235,10 +236,7 @@ def make_api_client(kubeconfig: str | None, *,
                 f"running in a pod ({SERVICE_HOST_ENV_NAME} is set) but the service account "
                 f"credentials in {serviceaccount_dir} are unusable: {err}") from err
         return kclient.ApiClient(configuration=cfg)
-    raise ConfigError(
-        "no Kubernetes credentials: not running in a pod (KUBERNETES_SERVICE_HOST is not set) "
-        "and no kubeconfig was given; set kubeconfig in the node configuration, or run as a "
-        "DaemonSet with a service account")
+    raise ConfigError(credentials.NO_CREDENTIALS)
 
 
 # ------------------------------------------------------------------------------------------

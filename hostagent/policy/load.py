@@ -290,14 +290,17 @@ def gc_paused() -> Iterator[None]:
     2.4 s to compose a 100k-rule file with libyaml instead of 0.6 s. Reference counting still
     frees everything that is not in a cycle (nodes and policy objects are not).
 
-    On the way out, what the block built and kept is moved to the oldest generation at once
-    (gc.freeze() then gc.unfreeze(), as documented: "put them back into the oldest
-    generation"), unless something else froze objects on purpose. Otherwise the young
-    collections right after would walk those survivors twice more (0.1 s, then 0.12 s for 100k
-    rules, in the middle of the reload); they are still collected, with the rest of the oldest
-    generation, at the next full collection. Process-wide: other threads get no cyclic
-    collection meanwhile, for the second or so a load takes. Nests; leaves the collector off if
-    it was off.
+    On the way out, what the block built and kept is moved out of the young generations at once.
+    Otherwise the young collections right after would walk those survivors twice more (0.1 s,
+    then 0.12 s for 100k rules, in the middle of the reload). Where nothing is frozen, it goes
+    to the oldest generation (gc.freeze() then gc.unfreeze(), as documented: "put them back
+    into the oldest generation"), still collected at the next full collection. Where the agent
+    froze its start-up heap (hostagent.daemon: full collections stall the resolver thread), it
+    is frozen beside it: the policies are acyclic, so reference counting frees them when a
+    later load replaces them. The price is that a cycle some other thread left as garbage in
+    the young generations at that instant is never collected: a few objects per reload.
+    Process-wide: other threads get no cyclic collection meanwhile, for the second or so a load
+    takes. Nests; leaves the collector off if it was off.
     """
     if not gc.isenabled():
         yield
@@ -306,8 +309,9 @@ def gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        if gc.get_freeze_count() == 0:
-            gc.freeze()
+        frozen = gc.get_freeze_count()
+        gc.freeze()
+        if not frozen:
             gc.unfreeze()
         gc.enable()
 
