@@ -499,6 +499,16 @@ def _ancestors_bare(cgroup: str, mount: str) -> None:
         path = os.path.dirname(path)
 
 
+def _references(stack: Cleanup, root: str, ns: str, cpu: int | None) -> list[Variant]:
+    """The baseline and its A/A control, in cgroups below root and namespace ns."""
+    return [Variant("baseline", "baseline", 0,
+                    Place(make_cgroup(stack, os.path.join(root, "base")), ns, cpu),
+                    "allowed", "nothing attached"),
+            Variant("control", "control", 0,
+                    Place(make_cgroup(stack, os.path.join(root, "control")), ns, cpu),
+                    "allowed", "nothing attached (A/A: the noise floor)")]
+
+
 def measure_floor(s: Settings, cpu: int | None, seed: int, results: dict) -> None:
     """The dispatch floor, split by attach point: baseline, control, one variant per attach
     point with a do-nothing program there, and one with all of them (the `floor` of a full
@@ -511,12 +521,7 @@ def measure_floor(s: Settings, cpu: int | None, seed: int, results: dict) -> Non
         ns = make_netns(stack, name)
         floor = FloorPrograms()
         stack.callback(floor.close)
-        variants = [Variant("baseline", "baseline", 0,
-                            Place(make_cgroup(stack, os.path.join(root, "base")), ns, cpu),
-                            "allowed", "nothing attached"),
-                    Variant("control", "control", 0,
-                            Place(make_cgroup(stack, os.path.join(root, "control")), ns, cpu),
-                            "allowed", "nothing attached (A/A: the noise floor)")]
+        variants = _references(stack, root, ns, cpu)
         for hook in FLOOR_HOOKS:
             cg = make_cgroup(stack, os.path.join(root, hook.function))
             floor.attach(stack, cg, (hook,))
@@ -550,12 +555,7 @@ def measure_close(s: Settings, cpu: int | None, seed: int, results: dict) -> Non
         mount = cgroup2_mount()
         root = make_cgroup(stack, os.path.join(mount, name))
         ns = make_netns(stack, name)
-        variants = [Variant("baseline", "baseline", 0,
-                            Place(make_cgroup(stack, os.path.join(root, "base")), ns, cpu),
-                            "allowed", "nothing attached"),
-                    Variant("control", "control", 0,
-                            Place(make_cgroup(stack, os.path.join(root, "control")), ns, cpu),
-                            "allowed", "nothing attached (A/A: the noise floor)")]
+        variants = _references(stack, root, ns, cpu)
         cidrs = rules.allowlist(10, seed=seed * 1000 + 10)
         for close in (False, True):
             tag = "close" if close else "plain"

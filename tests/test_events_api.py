@@ -330,6 +330,9 @@ def test_connection_close_events_say_what_a_connection_carried(node, enabled):
     as_dict = from_proto(closed)
     assert as_dict["kind"] == "connection_close" and as_dict["close"]["bytes_sent"] >= 100_000
     assert as_dict["destination"]["port"] == server.port
+    out = node.hostagent("events", "--server", node.grpc_address(), "--since",
+                         str(closed.seq - 1), "--count", "1", "--kind", "connection_close")
+    assert f"-> 127.0.0.1:{server.port}/tcp sent={closed.close.bytes_sent} " in out.stdout
     # an agent started without it takes the program away again
     node.agents[-1].stop()
     node.write_config(events={"connectionClose": False})

@@ -48,11 +48,14 @@ def line(e: dict) -> str:
     who = workload_label(e.get("workload"))
     why = " ".join(x for x in (e.get("reason"), e.get("policy") and f"policy={e['policy']}",
                                e.get("rule") and f"rule={e['rule']}") if x)
-    if kind == "connection":
+    if kind in ("connection", "connection_close"):
         d = e.get("destination") or {}
         where = (f"{d.get('ip')}:{d.get('port')}/{d.get('protocol')}"
                  + (f" ({d['name']})" if d.get("name") else "")) if d else e.get("hook")
-        return f"{head} {who} -> {where} {why}"
+        c = e.get("close")
+        carried = (f" sent={c['bytes_sent']} received={c['bytes_received']} "
+                   f"lived={c['duration_ns'] / 1e9:.3f}s" if c else "")
+        return f"{head} {who} -> {where}{carried} {why}"
     if kind == "dns":
         q = e.get("query") or {}
         answers = ",".join(a["ip"] for a in e.get("answers") or ())
