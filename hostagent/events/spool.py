@@ -66,17 +66,16 @@ class Spool:
             return 0
 
     def _recover(self, first: int) -> int:
-        """The last whole record's seq; a torn tail is cut off."""
+        """The last whole record's seq; a torn tail is cut off. The segment is indexed from
+        the same read."""
         last, good = first - 1, 0
         with open(self._path(first), "rb") as f:
             data = f.read()
-        pos = 0
-        while pos + _HEAD.size <= len(data):
-            seq, n = _HEAD.unpack_from(data, pos)
-            if n > MAX_RECORD or pos + _HEAD.size + n > len(data):
-                break
-            last, pos = seq, pos + _HEAD.size + n
-            good = pos
+        index = []
+        for i, (seq, pos, end) in enumerate(_records(data)):
+            if i % INDEX_EVERY == 0:
+                index.append((seq, pos))
+            last, good = seq, end
         if good < len(data):
             self.truncated = len(data) - good
             log.warning("spool %s: cut %d bytes of a torn record", self._path(first),
@@ -86,6 +85,7 @@ class Spool:
             os.unlink(self._path(first))
             self._segments.pop()
             return self._recover(self._segments[-1]) if self._segments else 0
+        self._index[first] = index
         return last
 
     def append(self, seq: int, wire: bytes) -> None:
@@ -143,22 +143,13 @@ class Spool:
 
     def _scan(self, first: int) -> list[tuple[int, int]]:
         """The sparse index of a segment on disk, by reading it once."""
-        index: list[tuple[int, int]] = []
         try:
             with open(self._path(first), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return index
-        pos = count = 0
-        while pos + _HEAD.size <= len(data):
-            seq, n = _HEAD.unpack_from(data, pos)
-            if n > MAX_RECORD or pos + _HEAD.size + n > len(data):
-                break
-            if count % INDEX_EVERY == 0:
-                index.append((seq, pos))
-            count += 1
-            pos += _HEAD.size + n
-        return index
+            return []
+        return [(seq, pos) for i, (seq, pos, _end) in enumerate(_records(data))
+                if i % INDEX_EVERY == 0]
 
     def _offset(self, first: int, start: int) -> int:
         """Where to start reading a segment for seq ``start``: the last sample at or before."""
@@ -193,25 +184,33 @@ class Spool:
         end of what was written."""
         f.seek(offset)
         data = b""
-        pos = 0
-        while len(out) < limit:
-            if pos + _HEAD.size > len(data) or \
-                    pos + _HEAD.size + _HEAD.unpack_from(data, pos)[1] > len(data):
-                more = f.read(READ_CHUNK)
-                if not more:
-                    return
-                data = data[pos:] + more
-                pos = 0
-                continue
-            seq, n = _HEAD.unpack_from(data, pos)
-            if n > MAX_RECORD:
-                return
-            if seq >= start:
-                out.append((seq, data[pos + _HEAD.size:pos + _HEAD.size + n]))
-            pos += _HEAD.size + n
+        while more := f.read(READ_CHUNK):
+            data += more
+            pos = 0
+            for seq, head, end in _records(data):
+                if seq >= start:
+                    out.append((seq, data[head + _HEAD.size:end]))
+                    if len(out) >= limit:
+                        return
+                pos = end
+            data = data[pos:]   # a record the chunk cut in two: completed by the next one
 
     def close(self) -> None:
         self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _records(data: bytes):
+    """(seq, offset, end) of each whole record of ``data``, in order, up to the first torn or
+    corrupt one (a length past MAX_RECORD)."""
+    pos = 0
+    while pos + _HEAD.size <= len(data):
+        seq, n = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + n
+        if n > MAX_RECORD or end > len(data):
+            return
+        yield seq, pos, end
+        pos = end
+
