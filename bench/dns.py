@@ -55,9 +55,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.env import (AgentFiles, BenchError, Cleanup, exit_on_sigterm, host_facts,
+from bench.env import (AgentFiles, BenchError, Cleanup, exit_on_sigterm, fresh_status, host_facts,
                        make_cgroup, run_cmd, start_agent)
-from bench.report import RESULTS_DIR, begin_run, publish
+from bench.report import begin_run, keep_log, publish
 from hostagent.cgroupfs import cgroup2_mount
 
 log = logging.getLogger("bench.dns")
@@ -359,27 +359,11 @@ def write_agent_files(files: AgentFiles, event_log: Path, zone_port: int,
         "        - cidr: 127.0.0.0/8\n")
 
 
-def agent_status(files: AgentFiles, newer_than: float | None = None) -> dict:
-    """The agent's status.json; with newer_than (time.time()), one written after it."""
-    path = files.state_dir / "status.json"
-    deadline = time.monotonic() + STATUS_WAIT
-    while True:
-        try:
-            status = json.loads(path.read_text())
-            if newer_than is None or status.get("time", 0) > newer_than:
-                return status
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"no status.json newer than {newer_than} from the agent")
-        time.sleep(0.2)
-
-
 def resolver_counters(status: dict) -> dict:
     r = status.get("dns", {}).get("resolver", {})
-    keys = ("queries", "cache_hits", "hot_hits", "cache_misses", "unattributed", "rate_limited", "denied",
-            "tunnel_refused", "internal_errors", "allowance_failures", "upstream_failures",
-            "overloaded", "dropped")
+    keys = ("queries", "cache_hits", "hot_hits", "cache_misses", "unattributed", "rate_limited",
+            "denied", "tunnel_refused", "internal_errors", "allowance_failures",
+            "upstream_failures", "overloaded", "dropped")
     out = {k: r.get(k, 0) for k in keys}
     out["allowances_open"] = status.get("dns", {}).get("allowances", {}).get("open", 0)
     return out
@@ -618,10 +602,10 @@ def measure(s: Settings, seed: int, results: dict) -> None:
         _check_governed(procs, targets["hostagent"], refused_file)
         _warm_up(procs, targets, query_file)
         results["allowances_after_warmup"] = resolver_counters(
-            agent_status(files, time.time()))["allowances_open"]
+            fresh_status(files.status, time.time(), STATUS_WAIT))["allowances_open"]
 
         upstream_before = zone.count()
-        counters_before = resolver_counters(agent_status(files, time.time()))
+        counters_before = resolver_counters(fresh_status(files.status, time.time(), STATUS_WAIT))
         pids = {"dnsmasq": dnsmasq.pid, "unbound": unbound.pid, "hostagent": agent.pid}
         results["throughput"] = _throughput(s, procs, targets, query_file, seed, pids)
         base = statistics.median(r["qps"] for r in results["throughput"]
@@ -629,7 +613,7 @@ def measure(s: Settings, seed: int, results: dict) -> None:
         rates = {"half": max(1, round(base / 2)), "light": LIGHT_QPS}
         results["rates"] = rates
         results["latency"] = _latency(s, procs, targets, query_file, rates, seed, tmp)
-        counters_after = resolver_counters(agent_status(files, time.time()))
+        counters_after = resolver_counters(fresh_status(files.status, time.time(), STATUS_WAIT))
         results["upstream_queries_timed"] = zone.count() - upstream_before
         results["agent_counters"] = {k: counters_after[k] - counters_before.get(k, 0)
                                      if k != "allowances_open" else counters_after[k]
@@ -642,11 +626,8 @@ def measure(s: Settings, seed: int, results: dict) -> None:
 
 
 def _keep_logs(tmp: Path) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for name in ("agent.log", "dnsmasq.out", "unbound.out"):
-        path = tmp / name
-        if path.exists():
-            (RESULTS_DIR / f"dns-{name.split('.')[0]}-last.log").write_text(path.read_text())
+        keep_log(tmp / name, f"dns-{name.split('.')[0]}-last.log")
 
 
 def _check_governed(procs: str, target: Target, refused_file: Path) -> None:

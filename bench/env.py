@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import json
 import logging
 import os
@@ -19,11 +20,14 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from hostagent.cgroupfs import cgroup2_mount
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,85 @@ def make_cgroup(stack: Cleanup, path: str) -> str:
     os.mkdir(path)
     stack.defer(f"rmdir {path}", rmdir_cgroup, path)
     return path
+
+
+def remove_cgroup_tree(root: str) -> None:
+    """Every cgroup below root (deepest first), then root; processes found in one are moved to
+    the cgroup2 root first, so the removal cannot be blocked by a stray helper."""
+    if not os.path.isdir(root):
+        return
+    mount = cgroup2_mount()
+    for dirpath, _dirs, _files in os.walk(root, topdown=False):
+        try:
+            pids = Path(dirpath, "cgroup.procs").read_text().split()
+        except FileNotFoundError:
+            continue
+        for pid in pids:
+            try:
+                Path(mount, "cgroup.procs").write_text(pid)
+            except OSError as err:
+                if err.errno != errno.ESRCH:
+                    log.warning("could not move pid %s out of %s: %s", pid, dirpath, err)
+        rmdir_cgroup(dirpath)
+
+
+def leftovers(run_name: str) -> list[str]:
+    """What of a run still exists: cgroups, bpffs pins, network namespaces, temp dirs, and
+    processes (agents and helpers all carry the run's name in their command line)."""
+    found = sorted(glob.glob(os.path.join(cgroup2_mount(), run_name + "*"))
+                   + glob.glob(f"/sys/fs/bpf/{run_name}*")
+                   + glob.glob(f"/run/netns/{run_name}*")
+                   + glob.glob(os.path.join(tempfile.gettempdir(), run_name + "*")))
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        pid = int(cmdline.split("/")[2])
+        try:
+            argv = Path(cmdline).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue    # exited meanwhile
+        if run_name in argv and pid != os.getpid():
+            found.append(f"process {pid}: {argv.strip()}")
+    return found
+
+
+@contextlib.contextmanager
+def nothing_left(run_name: str, results: dict) -> Iterator[None]:
+    """Around a whole run: record in results["leftovers"] what of it still exists afterwards
+    (failed runs included), and fail a run that succeeded but left something."""
+    try:
+        yield
+    finally:
+        results["leftovers"] = leftovers(run_name)
+        if results["leftovers"]:
+            log.error("left behind: %s", results["leftovers"])
+    if results["leftovers"]:
+        raise BenchError(f"left behind: {results['leftovers']}")
+
+
+def read_status(path: Path) -> dict:
+    """An agent's status.json, {} while there is none (or it is being replaced)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """predicate()'s first true value, polled every interval; BenchError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def fresh_status(path: Path, after_wall: float, timeout: float) -> dict:
+    """The agent's status.json once one written after after_wall (time.time()) is there (the
+    agent rewrites it every second)."""
+    return wait_until(lambda: (s := read_status(path)) and s.get("time", 0) > after_wall and s,
+                      timeout, f"a status.json newer than {after_wall:.1f}")
 
 
 def rmdir_cgroup(path: str) -> None:
@@ -176,6 +259,11 @@ class AgentFiles:
     bpffs_dir: str
     cgroup_root: str
     log: Path
+
+    @property
+    def status(self) -> Path:
+        """The agent's status.json (rewritten every second)."""
+        return self.state_dir / "status.json"
 
 
 def write_agent_config(files: AgentFiles, max_rules: int) -> None:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import ctypes as ct
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -77,8 +76,9 @@ from pathlib import Path
 
 from bench import stats, workload
 from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, exit_on_sigterm,
-                       host_facts, make_cgroup, make_netns, rmdir_cgroup, start_agent)
-from bench.report import RESULTS_DIR, begin_run, publish
+                       fresh_status, host_facts, make_cgroup, make_netns, nothing_left,
+                       read_status, remove_cgroup_tree, start_agent, wait_until)
+from bench.report import RESULTS_DIR, begin_run, keep_log, publish
 from bench.workload import Place
 from hostagent.cgroupfs import cgroup2_mount
 
@@ -550,44 +550,18 @@ def _start_agent(stack: Cleanup, name: str, run_root: str, tmp: Path, run_name: 
     (files.policy_dir / "flood.yaml").write_text(_policy(f"flood-{name}", spec["egress"]))
     files.config.write_text(_agent_config(files, spec["events"]))
     agent = start_agent(stack, files)
-    stack.defer(f"keeping {name}'s agent log", _keep_log, files.log, f"events-{name}-agent-last.log")
+    stack.defer(f"keeping {name}'s agent log", keep_log, files.log,
+                f"events-{name}-agent-last.log")
     agent.wait_for(r"enforcing \(generation (\d+)\)", 0, AGENT_START_TIMEOUT)
     _, m = agent.wait_for(r"metrics on (http://\S+)/metrics", 0, STATUS_TIMEOUT)
     out = AgentUnderTest(name, files, agent, flood, metrics_url=m.group(1))
-    out.address = _wait(lambda: ((_status(files).get("events") or {}).get("grpc") or {})
-                        .get("listen"), STATUS_TIMEOUT, f"{name}'s gRPC address in status.json")
+    out.address = wait_until(
+        lambda: ((read_status(files.status).get("events") or {}).get("grpc") or {}).get("listen"),
+        STATUS_TIMEOUT, f"{name}'s gRPC address in status.json")
     log.info("agent %s: pid %d, gRPC %s, %s", name, agent.pid, out.address, spec["what"])
     return out
 
 
-def _keep_log(path: Path, name: str) -> None:
-    if path.exists():
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / name).write_text(path.read_text())
-
-
-def _status(files: AgentFiles) -> dict:
-    try:
-        return json.loads((files.state_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def _fresh_status(files: AgentFiles, after_wall: float) -> dict:
-    """status.json written after `after_wall` (time.time())."""
-    return _wait(lambda: (s := _status(files)) and s.get("time", 0) > after_wall and s,
-                 STATUS_FRESH, "a fresh status.json")
 
 
 _METRIC_LINE = re.compile(r"^(hostagent_[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$")
@@ -645,11 +619,11 @@ class CollectorUnderTest:
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._logf, stderr=subprocess.STDOUT,
             start_new_session=True)
         stack.defer("stopping the collector", self.stop)
-        stack.defer("keeping the collector's log", _keep_log, self.log,
+        stack.defer("keeping the collector's log", keep_log, self.log,
                     "events-collector-last.log")
         self.pid = self.proc.pid
         self._conn = None
-        self.agent_id = _wait(self._agent_row, COLLECTOR_START_TIMEOUT,
+        self.agent_id = wait_until(self._agent_row, COLLECTOR_START_TIMEOUT,
                               "the collector's first cursor in its store")
 
     def _agent_row(self) -> int | None:
@@ -709,9 +683,9 @@ def sample_collector(v: Variant, a: AgentUnderTest, c: CollectorUnderTest, place
 
     with AgentClient(a.address) as client:
         s0 = client.status(timeout=STATUS_TIMEOUT).last_seq
-    _wait(lambda: c.cursor() >= s0, SETTLE_MAX, "the collector to store what the agent has")
+    wait_until(lambda: c.cursor() >= s0, SETTLE_MAX, "the collector to store what the agent has")
     m0 = _scrape(a.metrics_url)
-    st0 = _fresh_status(a.files, time.time())
+    st0 = fresh_status(a.files.status, time.time(), STATUS_FRESH)
     agent, coll = psutil.Process(a.proc.pid), psutil.Process(c.pid)
     a0, c0 = agent.cpu_times(), coll.cpu_times()
     timeline: list[tuple[int, int]] = []
@@ -752,7 +726,7 @@ def sample_collector(v: Variant, a: AgentUnderTest, c: CollectorUnderTest, place
     done_wall = time.time()
     a1, c1 = agent.cpu_times(), coll.cpu_times()
     m1 = _scrape(a.metrics_url)
-    st1 = _fresh_status(a.files, done_wall)
+    st1 = fresh_status(a.files.status, done_wall, STATUS_FRESH)
     dropped = int(m1.get("hostagent_ringbuf_dropped_events_total", 0)
                   - m0.get("hostagent_ringbuf_dropped_events_total", 0))
     read = (st1["events_received"] - st0["events_received"]
@@ -824,7 +798,7 @@ def sample_agent(v: Variant, a: AgentUnderTest, place: Place, count: int,
     if sub is None or not sub.alive():
         raise BenchError(f"{a.name}'s subscriber ended: {sub and sub.error}")
     proc = psutil.Process(a.proc.pid)
-    st0 = _fresh_status(a.files, time.time())
+    st0 = fresh_status(a.files.status, time.time(), STATUS_FRESH)
     m0 = _scrape(a.metrics_url)
     th0 = _threads(a.proc.pid)
     cpu0 = proc.cpu_times()
@@ -843,7 +817,7 @@ def sample_agent(v: Variant, a: AgentUnderTest, place: Place, count: int,
     th1 = _threads(a.proc.pid)
     sub_cpu = time.process_time() - sub_cpu0
     m1 = _scrape(a.metrics_url)
-    st1 = _fresh_status(a.files, done_wall)
+    st1 = fresh_status(a.files.status, done_wall, STATUS_FRESH)
     agent_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     dropped = (m1.get("hostagent_ringbuf_dropped_events_total", 0)
                - m0.get("hostagent_ringbuf_dropped_events_total", 0))
@@ -1342,51 +1316,16 @@ def _render_profile(p: dict) -> list[str]:
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def leftovers(run_name: str) -> list[str]:
-    """What of this run still exists: cgroups, bpffs pins, namespaces, temp dirs, processes."""
-    found = sorted(glob.glob(os.path.join(cgroup2_mount(), run_name + "*"))
-                   + glob.glob(f"/sys/fs/bpf/{run_name}*")
-                   + glob.glob(f"/run/netns/{run_name}*")
-                   + glob.glob(os.path.join(tempfile.gettempdir(), run_name + "*")))
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        pid = int(cmdline.split("/")[2])
-        try:
-            argv = Path(cmdline).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if run_name in argv and pid != os.getpid():
-            found.append(f"process {pid}: {argv.strip()}")
-    return found
-
-
-def _remove_tree(root: str) -> None:
-    """Every cgroup below root, deepest first, then root (processes moved out first)."""
-    if not os.path.isdir(root):
-        return
-    mount = cgroup2_mount()
-    for dirpath, _dirs, _files in os.walk(root, topdown=False):
-        try:
-            pids = Path(dirpath, "cgroup.procs").read_text().split()
-        except FileNotFoundError:
-            continue
-        for pid in pids:
-            try:
-                Path(mount, "cgroup.procs").write_text(pid)
-            except OSError:
-                pass   # exited meanwhile
-        rmdir_cgroup(dirpath)
-
-
 def measure(s: Settings, cpu: int | None, seed: int, variants: list[Variant], do_profile: bool,
             results: dict) -> None:
     run_name = f"{RUN_PREFIX}{os.getpid():x}{random.randrange(16 ** 4):04x}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{run_name}-"))
-    try:
+    with nothing_left(run_name, results):
         with Cleanup() as stack:
             stack.defer(f"rm -r {tmp}", subprocess.run,
                         ["rm", "-rf", "--one-file-system", str(tmp)], check=True)
             run_root = make_cgroup(stack, os.path.join(cgroup2_mount(), run_name))
-            stack.defer(f"removing {run_root}", _remove_tree, run_root)
+            stack.defer(f"removing {run_root}", remove_cgroup_tree, run_root)
             netns = make_netns(stack, run_name)
             log.info("run %s: cgroups under %s, namespace %s", run_name, run_root, netns)
 
@@ -1429,12 +1368,6 @@ def measure(s: Settings, cpu: int | None, seed: int, variants: list[Variant], do
                 results["agents"][a.name]["log_tail"] = a.proc.tail(20)
         if stack.failures:
             raise BenchError("cleanup failed: " + "; ".join(stack.failures))
-    finally:
-        results["leftovers"] = leftovers(run_name)
-        if results["leftovers"]:
-            log.error("left behind: %s", results["leftovers"])
-    if results["leftovers"]:
-        raise BenchError(f"left behind: {results['leftovers']}")
     results["loadavg_end"] = os.getloadavg()
     results["pytest_running_at_end"] = other_tests_running()
 

@@ -60,8 +60,9 @@ from pathlib import Path
 
 from bench import stats
 from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, exit_on_sigterm, host_facts,
-                       rmdir_cgroup, run_cmd, start_agent)
-from bench.report import RESULTS_DIR, begin_run, publish
+                       nothing_left, read_status, remove_cgroup_tree, rmdir_cgroup, run_cmd,
+                       start_agent, wait_until)
+from bench.report import begin_run, keep_log, publish
 from hostagent.bpf.syscall import raw as _bpf
 from hostagent.bpf import abi, syscall
 from hostagent.cgroupfs import cgroup2_mount
@@ -229,27 +230,6 @@ def poll_until(present: Callable[[], bool], deadline_ns: int) -> tuple[int, int,
 
 
 # -- cgroups ---------------------------------------------------------------------------------------
-
-def remove_cgroup_tree(root: str) -> None:
-    """Every cgroup below root (deepest first), then root; processes found in one are moved to
-    the cgroup2 root first, so the removal cannot be blocked by a stray helper."""
-    if not os.path.isdir(root):
-        return
-    mount = cgroup2_mount()
-    for dirpath, _dirs, _files in os.walk(root, topdown=False):
-        procs = os.path.join(dirpath, "cgroup.procs")
-        try:
-            pids = Path(procs).read_text().split()
-        except FileNotFoundError:
-            continue
-        for pid in pids:
-            try:
-                Path(mount, "cgroup.procs").write_text(pid)
-            except OSError as err:
-                if err.errno != errno.ESRCH:
-                    log.warning("could not move pid %s out of %s: %s", pid, dirpath, err)
-        rmdir_cgroup(dirpath)
-
 
 # -- helper processes ------------------------------------------------------------------------------
 
@@ -815,7 +795,7 @@ class _Node:
         # kubelet creates a pod's cgroups after the API has the pod; so does the bench, so that
         # no cgroup is bound as pending first and rebound when its pod arrives
         want = len(self.pods) + len(batch)
-        _wait(lambda: _status(self.status_path).get("identity", {}).get("pods") == want,
+        wait_until(lambda: read_status(self.status_path).get("identity", {}).get("pods") == want,
               KUBE_SYNC_TIMEOUT, f"the agent to list {want} pods")
         first = len(self.containers)
         for uid, cids in batch:
@@ -839,25 +819,10 @@ class _Node:
             rmdir_cgroup(pod_dir)
             self.api.delete_pod(uid)
         ids = [cgid for _, cgid in self.containers]
-        _wait(lambda: not any(self.bindings.contains(c) for c in ids), BOUND_TIMEOUT,
+        wait_until(lambda: not any(self.bindings.contains(c) for c in ids), BOUND_TIMEOUT,
               "the removed cgroups' bindings to be deleted")
         self.containers, self.pods = [], []
         return time.monotonic() - t0
-
-
-def _status(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _wait_bound(bindings: U64Map, ids: list[int]) -> None:
@@ -1225,28 +1190,10 @@ def render(results: dict, raw: Path | str) -> str:
     return "\n".join(out) + "\n"
 
 
-def leftovers(run_name: str) -> list[str]:
-    """What of this run still exists: cgroups, bpffs pins, temp dirs, and processes (the
-    agents and helpers all carry the run's name in their command line)."""
-    mount = cgroup2_mount()
-    found = sorted(glob.glob(os.path.join(mount, run_name + "*"))
-                   + glob.glob(f"/sys/fs/bpf/{run_name}*")
-                   + glob.glob(os.path.join(tempfile.gettempdir(), run_name + "*")))
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        pid = int(cmdline.split("/")[2])
-        try:
-            argv = Path(cmdline).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue    # exited meanwhile
-        if run_name in argv and pid != os.getpid():
-            found.append(f"process {pid}: {argv.strip()}")
-    return found
-
-
 def measure(s: Settings, seed: int, parts: set[str], results: dict) -> None:
     run_name = f"{RUN_PREFIX}{os.getpid():x}{random.randrange(16 ** 4):04x}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{run_name}-"))
-    try:
+    with nothing_left(run_name, results):
         with Cleanup() as stack:
             stack.defer(f"rm -r {tmp}", subprocess.run,
                         ["rm", "-rf", "--one-file-system", str(tmp)], check=True)
@@ -1265,24 +1212,14 @@ def measure(s: Settings, seed: int, parts: set[str], results: dict) -> None:
                         results[key] = fn(s, inner, run_root, tmp, run_name, seed)
                 finally:
                     # the agent's log outlives the temp directory, failed runs included
-                    _keep_log(tmp / f"{part}-agent.log", f"identity-{part}-agent-last.log")
+                    keep_log(tmp / f"{part}-agent.log", f"identity-{part}-agent-last.log")
                 if inner.failures:
                     raise BenchError("cleanup failed: " + "; ".join(inner.failures))
         if stack.failures:
             raise BenchError("cleanup failed: " + "; ".join(stack.failures))
-    finally:
-        results["leftovers"] = leftovers(run_name)
-        if results["leftovers"]:
-            log.error("left behind: %s", results["leftovers"])
-    if results["leftovers"]:
-        raise BenchError(f"left behind: {results['leftovers']}")
     results["loadavg_end"] = os.getloadavg()
 
 
-def _keep_log(path: Path, name: str) -> None:
-    if path.exists():
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / name).write_text(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

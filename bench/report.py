@@ -472,6 +472,14 @@ def rerender(raw: Path, evaluate: Callable[[dict], dict], render: Callable[[dict
     _log.info("wrote %s from %s", docs, raw)
 
 
+def keep_log(path: Path, name: str) -> None:
+    """Copy a log of the run (an agent's, a server's) to RESULTS_DIR/name, which outlives the
+    run's temp directory, failed runs included; nothing when there is none."""
+    if path.exists():
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / name).write_text(path.read_text())
+
+
 def publish(results: dict, prefix: str, quick: bool, render: Callable[[dict, Path], str],
             docs: Path | None, begin: str = BEGIN, end: str = END,
             json_default: Callable | None = None) -> Path:

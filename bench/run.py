@@ -270,7 +270,7 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict,
             results["policy_parse"] = _parse_cost(files, sum(s.sizes))
             results["agent_log_tail"] = agent.tail(40)
         finally:
-            _keep_log(files.log)
+            report.keep_log(files.log, "agent-last.log")
     if stack.failures:
         raise BenchError("cleanup failed: " + "; ".join(stack.failures))
     results["loadavg_end"] = os.getloadavg()
@@ -278,12 +278,6 @@ def measure(s: Settings, cpu: int | None, seed: int, results: dict,
 
 def _rmtree(path: Path) -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
-
-
-def _keep_log(path: Path) -> None:
-    if path.exists():
-        report.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (report.RESULTS_DIR / "agent-last.log").write_text(path.read_text())
 
 
 def _stage_policy(files: AgentFiles, v: Variant, cidrs: list[str]) -> tuple[Path, Path]:
@@ -575,7 +569,7 @@ def measure_close(s: Settings, cpu: int | None, seed: int, results: dict) -> Non
             variants.append(v)
             agent = start_agent(stack, files)
             agent.wait_for(r"enforcing \(generation \d+\)", 0, AGENT_START_TIMEOUT)
-            stack.callback(_keep_log, files.log)
+            stack.callback(report.keep_log, files.log, f"close-{tag}-agent-last.log")
         results["variants"] = [{"name": v.name, "kind": v.kind, "rules": v.rules, "what": v.what}
                                for v in variants]
         _check_verdicts(variants)
