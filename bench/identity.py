@@ -704,7 +704,7 @@ def _lookup_loops(s: Settings, rng: random.Random, pods: list[tuple[str, list[st
                  statistics.median(row["hit_ns"]), statistics.median(row["miss_ns"]),
                  statistics.median(row["parse_ns"]))
     event = {column: xs for (kind, column), xs in timings.items() if kind == "event"}
-    event["example"] = record(events[0][0])
+    event["example"] = from_proto(pb.Event.FromString(record(events[0][0])))  # JSON-able form
     reps = s.lookup_reps
     return {"pods": n, "reps": reps, "stateless_repeat": STATELESS_REPEAT, "kinds": rows,
             "event": event,
