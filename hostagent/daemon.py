@@ -186,8 +186,8 @@ class Agent:
         self._start_dns()
         for line in self.programs.attach(self.root):
             log.info("%s", line)
-        for program in loader.PROGRAMS:
-            self.metrics.attached.labels(program.name).set(1)
+        for program in loader.PROGRAMS:   # an optional program not asked for is not attached
+            self.metrics.attached.labels(program.name).set(int(program.name in self.programs.fds))
 
         self._reader = RingReader(self.programs, self._on_event, self._on_close)
         if cfg.metrics_listen is not None:

@@ -298,7 +298,9 @@ def test_connection_close_events_say_what_a_connection_carried(node, enabled):
     node.write_policy("a", policy("agent-a", "/app", "    - name: upload\n      to: [{cidr: "
                                   f"127.0.0.1/32}}]\n      ports: [{{port: {server.port}}}]\n"))
     w = node.workload("app")
-    node.start_agent()
+    agent = node.start_agent()
+    assert (f'hostagent_program_attached{{program="sock_ops"}} {float(enabled)}'
+            in agent.scrape()[1])
     client = AgentClient(node.grpc_address())
     since = node.status()["events"]["last_seq"]
     assert w.do("exchange", host="127.0.0.1", port=server.port, send=100_000)["received"] == \
