@@ -63,6 +63,7 @@ from bench.env import (AgentFiles, AgentProcess, BenchError, Cleanup, exit_on_si
                        nothing_left, read_status, remove_cgroup_tree, rmdir_cgroup, run_cmd,
                        start_agent, wait_until)
 from bench.report import begin_run, keep_log, publish
+from hostagent.bpf.syscall import BPF_MAP_LOOKUP_ELEM, MapElemAttr
 from hostagent.bpf.syscall import raw as _bpf
 from hostagent.bpf import abi, syscall
 from hostagent.cgroupfs import cgroup2_mount
@@ -127,12 +128,11 @@ QUICK = Settings(bind_rounds=100, bind_budget_s=60.0, pods=100, lookup_reps=3,
 
 
 # -- bpf(2): the map commands the bench needs ------------------------------------------------------
-# hostagent.bpf.syscall wraps pins, links and object info (the agent reads maps through bcc);
-# the bench needs lookups in a tight poll loop (syscall.raw: no exception per miss) and a map
-# of its own for the floor watcher.
+# hostagent.bpf.syscall wraps pins, links, object info and the attr of element commands; the
+# bench adds what it alone needs: lookups in a tight poll loop that expect misses (syscall.raw:
+# no exception per miss), and a map of its own for the floor watcher.
 
 BPF_MAP_CREATE = 0
-BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_TYPE_HASH = 1
@@ -147,11 +147,6 @@ class _MapCreateAttr(ct.Structure):
                 ("reserved", ct.c_uint8 * 36)]   # must be zero: later fields of union bpf_attr
 
 
-class _MapElemAttr(ct.Structure):
-    _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
-                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
 class U64Map:
     """A BPF hash map keyed by a u64 (a cgroup id), by fd. Holds one preset attr and key buffer
     so that a lookup in the poll loop is a single ctypes call."""
@@ -160,8 +155,8 @@ class U64Map:
         self.fd = fd
         self._key = ct.c_uint64()
         self._value = (ct.c_uint8 * value_size)()
-        self._attr = _MapElemAttr(map_fd=fd, key=ct.addressof(self._key),
-                                  value=ct.addressof(self._value))
+        self._attr = MapElemAttr(map_fd=fd, key=ct.addressof(self._key),
+                                 value=ct.addressof(self._value))
 
     @classmethod
     def create(cls, name: str, value_size: int, max_entries: int) -> U64Map:
@@ -191,16 +186,16 @@ class U64Map:
     def update(self, key: int) -> None:
         self._key.value = key
         ct.memset(self._value, 0, len(self._value))
-        attr = _MapElemAttr(map_fd=self.fd, key=ct.addressof(self._key),
-                            value=ct.addressof(self._value), flags=BPF_ANY)
+        attr = MapElemAttr(map_fd=self.fd, key=ct.addressof(self._key),
+                           value=ct.addressof(self._value), flags=BPF_ANY)
         ret = _bpf(BPF_MAP_UPDATE_ELEM, attr)
         if ret < 0:
             raise BenchError(f"map update: {os.strerror(-ret)}")
 
     def delete(self, key: int) -> None:
         self._key.value = key
-        ret = _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=self.fd,
-                                                     key=ct.addressof(self._key)))
+        ret = _bpf(BPF_MAP_DELETE_ELEM, MapElemAttr(map_fd=self.fd,
+                                                    key=ct.addressof(self._key)))
         if ret < 0 and ret != -errno.ENOENT:
             raise BenchError(f"map delete: {os.strerror(-ret)}")
 

@@ -92,6 +92,7 @@ def test_user_space_key_layouts_match_the_header():
 
     assert fqdn._FQDN_KEY.size == ct.sizeof(abi.FqdnKey)
     assert fqdn._CLIENT_KEY.size == ct.sizeof(abi.DnsClientKey)
+    assert fqdn._CLIENT_VALUE.size == ct.sizeof(abi.DnsClient)
 
 
 def test_the_resolver_attribution_key_is_address_key():

@@ -37,7 +37,9 @@ _fast_syscall.restype = ct.c_long
 _fast_syscall.argtypes = [ct.c_long, ct.c_long, ct.c_void_p, ct.c_long]
 
 
-class _ElemAttr(ct.Structure):
+class MapElemAttr(ct.Structure):
+    """union bpf_attr for BPF_MAP_*_ELEM."""
+
     _fields_ = [("map_fd", ct.c_uint32), ("pad", ct.c_uint32), ("key", ct.c_uint64),
                 ("value", ct.c_uint64), ("flags", ct.c_uint64)]
 
@@ -179,7 +181,7 @@ class MapLookup:
         self._value = (ct.c_uint8 * value_size)()
         self._key_view = memoryview(self._key).cast("B")
         self._value_view = memoryview(self._value).cast("B")
-        self._attr = _ElemAttr(map_fd=map_fd, key=ct.addressof(self._key),
+        self._attr = MapElemAttr(map_fd=map_fd, key=ct.addressof(self._key),
                                value=ct.addressof(self._value))
         self._args = (_SYS_BPF, BPF_MAP_LOOKUP_ELEM, ct.addressof(self._attr),
                       ct.sizeof(self._attr))
