@@ -48,7 +48,7 @@ class Program:
     name: str          # C function, entry program name
     prog_type: int
     attach_type: int
-    optional: bool = False   # attached only when the node config asks (attach(optional=...))
+    optional: bool = False   # loaded and attached only when asked for (Programs(optional=...))
 
 
 PROGRAMS = (
@@ -136,7 +136,6 @@ class Programs:
         except Exception as err:  # bcc raises bare Exception; keep its words
             raise KernelError(f"compiling {src}/hostagent.c failed: {err}") from err
         self.pin_dir = pin_dir
-        self.optional = optional
         self.fds: dict[str, int] = {}
         for program in PROGRAMS:
             if program.optional and program.name not in optional:
