@@ -111,8 +111,7 @@ def parent_path(path: str) -> str | None:
     return path.rsplit("/", 1)[0] or "/"
 
 
-def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup",
-                  pid: int | None = None) -> int:
+def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup") -> int:
     """The cgroup v2 id of this process, 0 if unknown.
 
     /proc/self/cgroup names the cgroup relative to the process's cgroup namespace, and the
@@ -121,7 +120,7 @@ def own_cgroup_id(root: CgroupRoot, proc_cgroup: str = "/proc/self/cgroup",
     is taken as is only when that cgroup holds this process; otherwise the cgroup that does is
     looked for below the mount, among those whose path ends with the one given.
     """
-    pid = os.getpid() if pid is None else pid
+    pid = os.getpid()
     try:
         with open(proc_cgroup, encoding="utf-8") as f:
             rel = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
