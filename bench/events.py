@@ -887,15 +887,8 @@ def _count(s: Settings, v: Variant) -> int:
 
 def _rounds(s: Settings, variants: list[Variant], places: dict, readers: dict, agents: dict,
             collector: "CollectorUnderTest | None", seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    deadline = time.monotonic() + s.budget_s
     samples = []
-    for r in range(s.rounds):
-        if r >= min(MIN_ROUNDS, s.rounds) and time.monotonic() > deadline:
-            log.info("time budget of %.0f s spent: stopping after %d rounds", s.budget_s, r)
-            break
-        order = list(variants)
-        rng.shuffle(order)
+    for r, order in stats.interleaved(variants, s.rounds, s.budget_s, MIN_ROUNDS, seed):
         for pos, v in enumerate(order):
             n = _count(s, v)
             load = os.getloadavg()[0]

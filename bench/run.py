@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import report, rules, workload
+from bench import report, rules, stats, workload
 from bench.env import (AgentFiles, BenchError, Cleanup, attached_programs, bpf_stats_enabled,
                        exit_on_sigterm, host_facts,
                        cgroup_level, load_nft_table, make_cgroup, make_netns, nft_cgroup_path,
@@ -368,15 +368,8 @@ def _check_verdicts(variants: list[Variant]) -> None:
 # -- timed rounds --------------------------------------------------------------------------------
 
 def _rounds(s: Settings, variants: list[Variant], seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    deadline = time.monotonic() + s.budget_s
     samples = []
-    for r in range(s.rounds):
-        if r >= min(MIN_ROUNDS, s.rounds) and time.monotonic() > deadline:
-            log.info("time budget of %.0f s spent: stopping after %d rounds", s.budget_s, r)
-            break
-        order = list(variants)
-        rng.shuffle(order)
+    for r, order in stats.interleaved(variants, s.rounds, s.budget_s, MIN_ROUNDS, seed):
         for pos, v in enumerate(order):
             got = workload.sample(v.place, s.count, s.warmup)
             samples.append({"round": r, "position": pos, "variant": v.name, **got})

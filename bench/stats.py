@@ -6,13 +6,33 @@ time, so noise that drifts over the run (other tenants, frequency changes) stays
 
 from __future__ import annotations
 
+import logging
 import random
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
+
+
+def interleaved(variants: Sequence, rounds: int, budget_s: float, min_rounds: int,
+                seed: int) -> Iterator[tuple[int, list]]:
+    """(round, the variants in this round's order): every round runs every variant once, in a
+    fresh random order, so that a slow spell of the machine spreads over all of them. Stops
+    after ``rounds``, or once ``budget_s`` is spent and at least ``min_rounds`` have run."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + budget_s
+    for r in range(rounds):
+        if r >= min(min_rounds, rounds) and time.monotonic() > deadline:
+            log.info("time budget of %.0f s spent: stopping after %d rounds", budget_s, r)
+            return
+        order = list(variants)
+        rng.shuffle(order)
+        yield r, order
 
 
 @dataclass(frozen=True)
